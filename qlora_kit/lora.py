@@ -1,0 +1,232 @@
+"""LoRA adapters: ``LoRALinear``, ``add_lora``, and the pure functions around them.
+
+    y = base(x) + scaling * B(A(dropout(x)))      scaling = alpha / r   (rsLoRA: alpha / sqrt(r))
+
+``base`` is a frozen ``NF4Linear`` in training, or a dense ``nn.Linear`` (the parity tests use one holding
+the dequantized weight). A is Kaiming-uniform and B is zero, so a freshly adapted model computes exactly
+what its base computes: step 0 is the base model.
+
+On disk adapters use PEFT's layout and key names, so ``peft.PeftModel.from_pretrained`` and serving
+stacks that read that layout load them; ``peft`` itself is never imported here.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from qlora_kit.errors import QloraKitError
+from qlora_kit.quant import NF4Linear
+
+TARGET_PRESETS: dict[str, tuple[str, ...] | None] = {
+    "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "all-linear": None,  # every linear inside the decoder layers; never lm_head
+}
+
+
+class LoRALinear(nn.Module):
+    def __init__(
+        self,
+        base: nn.Module,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        self.base = base
+        self.in_features: int = base.in_features
+        self.out_features: int = base.out_features
+        self.r = r
+        self.alpha = alpha
+        self.use_rslora = use_rslora
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        device = next(base.buffers(), next(base.parameters(), None))
+        device = device.device if device is not None else None
+        self.lora_a = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_b = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
+        self.disabled = False  # True: behave exactly like the base layer
+        self.reset_lora_parameters()
+
+    @torch.no_grad()
+    def reset_lora_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.lora_a.weight, a=math.sqrt(5))  # nn.Linear's own init, as in PEFT
+        nn.init.zeros_(self.lora_b.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if self.disabled:
+            return out
+        lora = self.lora_b(self.lora_a(self.dropout(x.to(self.lora_a.weight.dtype))))
+        return out + (self.scaling * lora).to(out.dtype)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}"
+
+
+@dataclass
+class LoRAReport:
+    """What ``add_lora`` did."""
+
+    adapted: list[str] = field(default_factory=list)  # full module names now wrapped in LoRALinear
+    trainable_params: int = 0
+    total_params: int = 0  # counts each 4-bit weight as its number of values, not its bytes
+
+    def __str__(self) -> str:
+        pct = 100 * self.trainable_params / max(self.total_params, 1)
+        return (
+            f"LoRA on {len(self.adapted)} linears: trainable params {self.trainable_params:,} "
+            f"|| all params {self.total_params:,} || trainable {pct:.3f}%"
+        )
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of a transformers causal LM (``model.model.layers`` for Llama/Mistral/Qwen2)."""
+    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and (n_layers is None or len(module) == n_layers):
+            return module
+    raise QloraKitError(
+        f"{type(model).__name__} has no list of decoder layers; it is not a supported architecture"
+    )
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, NF4Linear))
+
+
+def decoder_linear_names(model: nn.Module) -> list[str]:
+    """Full names of every linear inside the decoder layers (the candidates for quantization and LoRA)."""
+    layers = decoder_layers(model)
+    prefix = next(name for name, module in model.named_modules() if module is layers)
+    return [
+        f"{prefix}.{name}"
+        for name, module in layers.named_modules()
+        if _is_linear(module) and not isinstance(module, LoRALinear)
+    ]
+
+
+def resolve_targets(model: nn.Module, targets: str | Iterable[str]) -> list[str]:
+    """Full names of the linears ``targets`` selects: a preset name or explicit (leaf or dotted) names."""
+    candidates = decoder_linear_names(model)
+    if isinstance(targets, str) and targets in TARGET_PRESETS:
+        wanted = TARGET_PRESETS[targets]
+        if wanted is None:
+            return candidates
+    else:
+        wanted = (targets,) if isinstance(targets, str) else tuple(targets)
+    leaf_names = sorted({name.rsplit(".", 1)[-1] for name in candidates})
+    selected: list[str] = []
+    for target in wanted:
+        # "q_proj" matches every layer's q_proj; "self_attn.q_proj" or "layers.0.mlp.up_proj" match suffixes.
+        pattern = re.compile(rf"(^|\.){re.escape(target)}$")
+        hits = [name for name in candidates if pattern.search(name)]
+        if not hits:
+            raise QloraKitError(
+                f"LoRA target {target!r} matches no linear layer in the decoder layers. "
+                f"The model's linear layers are: {', '.join(leaf_names)} (or use a preset: "
+                f"{', '.join(TARGET_PRESETS)})"
+            )
+        selected += [name for name in hits if name not in selected]
+    return [name for name in candidates if name in selected]  # model order
+
+
+def add_lora(
+    model: nn.Module,
+    targets: str | Iterable[str] = "all-linear",
+    r: int = 16,
+    alpha: float = 32.0,
+    dropout: float = 0.05,
+    use_rslora: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> LoRAReport:
+    """Freeze ``model`` and wrap each target linear in a ``LoRALinear`` (in place)."""
+    if r <= 0:
+        raise QloraKitError(f"LoRA rank r must be > 0, got {r}")
+    names = resolve_targets(model, targets)
+    model.requires_grad_(False)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        wrapped = LoRALinear(getattr(parent, child), r, alpha, dropout, use_rslora, dtype)
+        setattr(parent, child, wrapped)
+    report = LoRAReport(adapted=names)
+    for module in model.modules():
+        if isinstance(module, NF4Linear):
+            report.total_params += module.in_features * module.out_features
+    seen: set[int] = set()
+    for param in model.parameters():
+        if id(param) not in seen:
+            seen.add(id(param))
+            report.total_params += param.numel()
+            report.trainable_params += param.numel() if param.requires_grad else 0
+    return report
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: module for name, module in model.named_modules() if isinstance(module, LoRALinear)}
+
+
+def set_lora_enabled(model: nn.Module, enabled: bool) -> None:
+    for layer in lora_layers(model).values():
+        layer.disabled = not enabled
+
+
+# --- state dicts in PEFT's layout ---------------------------------------------------------------------
+# PEFT names the weights of our `model.layers.0.self_attn.q_proj.lora_a.weight`
+# `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`.
+
+PEFT_PREFIX = "base_model.model."
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter weights under PEFT's key names."""
+    state: dict[str, torch.Tensor] = {}
+    for name, layer in lora_layers(model).items():
+        state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_a.weight.detach()
+        state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_b.weight.detach()
+    return state
+
+
+def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "adapter") -> None:
+    """Copy PEFT-keyed adapter weights into the model's ``LoRALinear`` layers; shapes and names must match."""
+    layers = lora_layers(model)
+    expected = set(lora_state_dict(model))
+    # PEFT may write ".lora_A.default.weight" in memory; on disk the adapter name is dropped.
+    state = {k.replace(".default.weight", ".weight"): v for k, v in state.items()}
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        details = []
+        if missing:
+            details.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            details.append(f"{len(unexpected)} not in the model (e.g. {unexpected[0]})")
+        raise QloraKitError(
+            f"{source} does not match this model's LoRA layers: {'; '.join(details)}. "
+            "Check that the adapter was trained on this base model with the same target modules."
+        )
+    with torch.no_grad():
+        for name, layer in layers.items():
+            for ours, theirs in ((layer.lora_a, "lora_A"), (layer.lora_b, "lora_B")):
+                tensor = state[f"{PEFT_PREFIX}{name}.{theirs}.weight"]
+                if tensor.shape != ours.weight.shape:
+                    raise QloraKitError(
+                        f"{source}: {name}.{theirs} has shape {tuple(tensor.shape)} but the model needs "
+                        f"{tuple(ours.weight.shape)}; the adapter was trained on a different base model or rank"
+                    )
+                ours.weight.copy_(tensor)
+
+
+def merge_lora_weight(
+    base_weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """``W + scaling * B @ A`` computed in fp32 (the caller casts to the output dtype)."""
+    return base_weight.float() + scaling * (lora_b.float() @ lora_a.float())

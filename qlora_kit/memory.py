@@ -1,0 +1,598 @@
+"""Analytic memory planner: will a QLoRA fine-tune fit on this GPU, and which knob to turn if not.
+
+Everything is computed from the model's shape (a preset or an HF ``config.json``) and the run's knobs;
+nothing is loaded. Weights are counted exactly (the shapes of the tensors ``NF4Linear`` stores); the
+activation model follows our own stack (``quant.NF4Linear`` + ``lora.LoRALinear`` inside transformers'
+Llama-style decoder layers with SDPA) and keeps every coefficient in ``ACTIVATION_COEFFS`` so it can be
+calibrated against measurement. See docs/memory.md for the formulas and assumptions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from qlora_kit.errors import QloraKitError
+
+MB = 10**6  # every figure we print is in decimal MB / GB; GPU sizes are in GiB (see parse_size)
+GiB = 2**30
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit", "adamw")
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TARGET_PRESETS = {"attention": LINEAR_NAMES[:4], "all-linear": LINEAR_NAMES}  # as in lora.TARGET_PRESETS
+GPU_SIZES_GIB = (24, 40, 48, 80, 141)  # common single-GPU sizes, for the "bigger GPU" suggestion
+
+
+# --- model shapes ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    name: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    vocab: int
+    tied: bool = False  # lm_head shares the embedding matrix
+    qkv_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """(out, in) of each linear in one decoder layer."""
+        q, kv, h = self.heads * self.head_dim, self.kv_heads * self.head_dim, self.hidden
+        shapes = [(q, h), (kv, h), (kv, h), (h, q), (self.ffn, h), (self.ffn, h), (h, self.ffn)]
+        return dict(zip(LINEAR_NAMES, shapes, strict=True))
+
+    @property
+    def quantized_params(self) -> int:
+        return self.layers * sum(o * i for o, i in self.linears().values())
+
+    @property
+    def non_quantized_params(self) -> int:
+        embeddings = self.vocab * self.hidden * (1 if self.tied else 2)
+        norms = (2 * self.layers + 1) * self.hidden
+        biases = self.layers * (self.heads + 2 * self.kv_heads) * self.head_dim if self.qkv_bias else 0
+        return embeddings + norms + biases
+
+    @property
+    def params(self) -> int:
+        return self.quantized_params + self.non_quantized_params
+
+
+def _preset(name: str, h: int, layers: int, heads: int, kv: int, ffn: int, vocab: int, **kw) -> ModelShape:
+    return ModelShape(name, h, layers, heads, kv, h // heads, ffn, vocab, **kw)
+
+
+# From the public config.json of each model.
+PRESETS: dict[str, ModelShape] = {
+    s.name: s
+    for s in [
+        _preset("llama-7b", 4096, 32, 32, 32, 11008, 32000),
+        _preset("llama-13b", 5120, 40, 40, 40, 13824, 32000),
+        _preset("llama-33b", 6656, 60, 52, 52, 17920, 32000),
+        _preset("llama-65b", 8192, 80, 64, 64, 22016, 32000),
+        _preset("llama-2-70b", 8192, 80, 64, 8, 28672, 32000),
+        _preset("llama-3-8b", 4096, 32, 32, 8, 14336, 128256),
+        _preset("llama-3-70b", 8192, 80, 64, 8, 28672, 128256),
+        _preset("mistral-7b", 4096, 32, 32, 8, 14336, 32000),
+        _preset("qwen2.5-7b", 3584, 28, 28, 4, 18944, 152064, qkv_bias=True),
+        _preset("qwen2.5-72b", 8192, 80, 64, 8, 29568, 152064, qkv_bias=True),
+    ]
+}
+
+
+def shape_from_config(config, name: str) -> ModelShape:
+    """A ``ModelShape`` from a transformers config (Llama / Mistral / Qwen2 style decoders)."""
+    config = getattr(config, "text_config", None) or config
+    try:
+        hidden, heads = config.hidden_size, config.num_attention_heads
+        layers, ffn, vocab = config.num_hidden_layers, config.intermediate_size, config.vocab_size
+    except AttributeError as e:
+        raise QloraKitError(f"{name}: config.json lacks a field the planner needs ({e})") from None
+    return ModelShape(
+        name=name,
+        hidden=hidden,
+        layers=layers,
+        heads=heads,
+        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(config, "head_dim", None) or hidden // heads,
+        ffn=ffn,
+        vocab=vocab,
+        tied=bool(getattr(config, "tie_word_embeddings", False)),
+        qkv_bias=bool(getattr(config, "attention_bias", False)) or config.model_type == "qwen2",
+    )
+
+
+def model_shape(spec: str) -> ModelShape:
+    """A preset name (case-insensitive), a local HF checkpoint dir, a short id or a hub id."""
+    if spec.strip().lower() in PRESETS:
+        return PRESETS[spec.strip().lower()]
+    from qlora_kit.loading import load_config
+    from qlora_kit.models import SHORT_IDS, resolve_model_dir
+
+    if not Path(spec).expanduser().exists() and spec.lower() not in SHORT_IDS and spec.count("/") != 1:
+        raise QloraKitError(
+            f"model {spec!r} is not a preset ({', '.join(PRESETS)}), a checkpoint directory, a short id "
+            f"({', '.join(SHORT_IDS)}) or a hub id (owner/name)"
+        )
+    model_dir = resolve_model_dir(spec)
+    return shape_from_config(load_config(model_dir), name=Path(model_dir).name)
+
+
+# --- exact NF4 bytes ----------------------------------------------------------------------------------------
+
+NF4_BLOCK = 64  # values per absmax
+NESTED_BLOCK = 256  # absmax values per fp32 scale (double quantization)
+BNB_TABLE_BYTES = 256 * 4 + 16 * 4  # per-tensor copies of the 8-bit dynamic map and the NF4 table in a
+# bitsandbytes QuantState; NF4Linear shares them, so the plan leaves them out (bnb_tables=False).
+
+
+@dataclass(frozen=True)
+class NF4Bytes:
+    codes: int  # two 4-bit values per uint8
+    absmax: int  # one uint8 (double-quantized) absmax per block of 64
+    nested: int  # fp32 scale per 256 absmax + the fp32 offset (+ the tables, if counted)
+
+    @property
+    def total(self) -> int:
+        return self.codes + self.absmax + self.nested
+
+
+def nf4_bytes(out_features: int, in_features: int, *, bnb_tables: bool = False) -> NF4Bytes:
+    """Bytes of an (out, in) weight as ``quantize_4bit(W, 64, compress_statistics=True, "nf4")`` stores it."""
+    n = out_features * in_features
+    blocks = math.ceil(n / NF4_BLOCK)
+    nested = 4 * math.ceil(blocks / NESTED_BLOCK) + 4 + (BNB_TABLE_BYTES if bnb_tables else 0)
+    return NF4Bytes(codes=math.ceil(n / 2), absmax=blocks, nested=nested)
+
+
+# --- the activation model: every coefficient to calibrate lives here ----------------------------------------
+
+ACTIVATION_COEFFS: dict[str, float] = {
+    # Per decoder layer and token (see layer_activation_bytes); checked against the tensors autograd saves
+    # for a tiny model on CPU (tests/test_memory_plan.py). Calibrate on a GPU with the measured profiler.
+    "norm_fp32_copies": 2,  # 2 RMSNorms each keep their input upcast to fp32 (+ a fp32 rsqrt per token)
+    "sdpa_saved_tensors": 1,  # SDPA keeps q, k, v (GQA: k, v at kv width) and its output; no s x s matrix
+    "sdpa_lse_fp32_per_head": 1,  # + one fp32 logsumexp per head
+    "mlp_ffn_tensors": 3,  # SiLU keeps gate's output; act * up keeps act and up: 3 x ffn
+    "grad_workspace_hidden": 4,  # live in a layer's backward: grad in, grad out, residual grad, one temp
+    "grad_workspace_ffn": 2,  # + two ffn-wide grads inside the MLP
+    "loss_backward_fp32_vocab": 2,  # loss backward: fp32 grad of the log-probs + fp32 grad of the logits
+    "allocator_slack": 0.10,  # caching-allocator fragmentation, fraction of the dynamic part
+    "cuda_context_bytes": 500 * MB,  # CUDA context + cuBLAS workspace (device cuda)
+    "cpu_runtime_bytes": 400 * MB,  # Python + torch + transformers + bitsandbytes imported (device cpu)
+}
+
+
+def _targets(targets: str | list[str]) -> tuple[str, ...]:
+    if isinstance(targets, str):
+        if targets in TARGET_PRESETS:
+            return TARGET_PRESETS[targets]
+        targets = [t.strip() for t in targets.split(",")]
+    leaves = {t.rsplit(".", 1)[-1] for t in targets}
+    if not leaves or not leaves <= set(LINEAR_NAMES):
+        raise QloraKitError(
+            f"LoRA targets {sorted(leaves - set(LINEAR_NAMES)) or targets} not understood: use attention, "
+            f"all-linear or names from {', '.join(LINEAR_NAMES)}"
+        )
+    return tuple(n for n in LINEAR_NAMES if n in leaves)
+
+
+def layer_activation_bytes(
+    shape: ModelShape, *, c: int, a: int, rank: int, targets: tuple[str, ...], dropout: float, device: str
+) -> dict[str, float]:
+    """Bytes one decoder layer keeps for backward, per token, nothing checkpointed; c, a: dtype bytes."""
+    k = ACTIVATION_COEFFS
+    h, f, heads = shape.hidden, shape.ffn, shape.heads
+    q, kv = heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    # The NF4 base path keeps nothing (frozen weight, dequantized again in backward); RoPE keeps only
+    # cos/sin, shared by all layers (counted once, with the logits); residual adds keep nothing.
+    terms = {
+        "norms": k["norm_fp32_copies"] * 4 * (h + 1),
+        "attention": k["sdpa_saved_tensors"] * c * (2 * q + 2 * kv) + k["sdpa_lse_fp32_per_head"] * 4 * heads,
+        "mlp": k["mlp_ffn_tensors"] * c * f,
+    }
+    # LoRA path x -> dropout -> A -> B: A keeps its input, B keeps A's r-wide output.
+    # With dropout each adapter keeps its own dropout output (a bytes) and mask: a bool on CUDA (fused
+    # kernel), a tensor of x's dtype on CPU. Without dropout, adapters reading the same tensor share it:
+    # q/k/v read the first norm's output, gate/up the second's, and o reads SDPA's output (already kept).
+    if dropout > 0 or a != c:
+        mask = (1 if device == "cuda" else a) if dropout > 0 else 0
+        widths = {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": q, "gate_proj": h, "up_proj": h}
+        lora = sum((a + mask) * widths.get(t, f) for t in targets)
+    else:
+        shared = {"q_proj": "n1", "k_proj": "n1", "v_proj": "n1", "gate_proj": "n2", "up_proj": "n2"}
+        kept = {shared.get(t, t) for t in targets} - {"o_proj"}
+        lora = c * sum(h if name in ("n1", "n2") else f for name in kept)
+    terms["lora"] = lora + len(targets) * a * rank
+    return terms
+
+
+# --- the plan ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    category: str
+    item: str
+    bytes: int
+    note: str
+
+
+@dataclass
+class Suggestion:
+    change: str
+    knob: dict  # the settings it changes, e.g. {"checkpointing": True}; {} for "a bigger GPU"
+    total: int  # the plan's total with this one change
+    saves: int
+    fits: bool
+
+
+@dataclass
+class MemoryPlan:
+    model: ModelShape
+    settings: dict  # the resolved knobs: plan_memory(model, **settings) gives this plan again
+    rows: list[Row]
+    gpu_bytes: int | None = None
+    pageable_bytes: int = 0  # what a paged optimizer may move to host RAM under pressure
+    suggestions: list[Suggestion] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(row.bytes for row in self.rows)
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.gpu_bytes is None else self.total <= self.gpu_bytes
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "total": self.total, "fits": self.fits}, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> MemoryPlan:
+        d = json.loads(text)
+        rows, suggestions = [Row(**r) for r in d["rows"]], [Suggestion(**s) for s in d["suggestions"]]
+        return cls(
+            ModelShape(**d["model"]), d["settings"], rows, d["gpu_bytes"], d["pageable_bytes"], suggestions
+        )
+
+    def title(self) -> str:
+        s = self.settings
+        return (
+            f"{self.model.name}: seq {s['seq_len']} x batch {s['batch_size']}, LoRA r={s['rank']} on "
+            f"{s['targets']}, {s['optimizer']}, checkpointing {'on' if s['checkpointing'] else 'off'}, "
+            f"{s['compute_dtype']} on {s['device']}"
+        )
+
+    def verdict(self) -> str:
+        text = f"total {self.total / MB:,.0f} MB ({self.total / GiB:.2f} GiB)"
+        if self.gpu_bytes is None:
+            return text
+        budget, margin = f"{self.gpu_bytes / GiB:g} GiB", abs(self.gpu_bytes - self.total) / MB
+        if self.fits:
+            return f"{text}: fits in {budget} with {margin:,.0f} MB to spare"
+        text += f": does NOT fit in {budget} (over by {margin:,.0f} MB)"
+        if self.pageable_bytes and self.total - self.pageable_bytes <= self.gpu_bytes:
+            text += "; it would run, slower, with the paged optimizer's states moved to host RAM"
+        return text
+
+    def _suggestion_lines(self) -> list[str]:
+        lines = []
+        for s in self.suggestions:
+            saves = f": saves {s.saves / MB:,.0f} MB -> {s.total / GiB:.2f} GiB" if s.saves else ""
+            lines.append(f"{s.change}{saves}{' (fits)' if s.fits else ''}")
+        return lines
+
+    def _cells(self) -> list[tuple[str, str, str, str]]:
+        rows = [(r.category, r.item, f"{r.bytes / MB:,.1f}", r.note) for r in self.rows]
+        return [*rows, ("total", "", f"{self.total / MB:,.1f}", f"{self.total / GiB:.2f} GiB")]
+
+    def table(self) -> str:
+        cells = self._cells()
+        w = [max(len(row[i]) for row in cells) for i in range(3)]
+        out = [self.title(), f"{'category':<{w[0]}}  {'item':<{w[1]}}  {'MB':>{w[2]}}  explanation"]
+        out += [f"{c:<{w[0]}}  {i:<{w[1]}}  {b:>{w[2]}}  {n}" for c, i, b, n in cells]
+        out.append(self.verdict())
+        return "\n".join(out + [f"  - {line}" for line in self._suggestion_lines()])
+
+    def to_markdown(self) -> str:
+        out = [
+            f"**{self.title()}**",
+            "",
+            "| category | item | MB | explanation |",
+            "| --- | --- | ---: | --- |",
+        ]
+        out += [f"| {c} | {i} | {b} | {n} |" for c, i, b, n in self._cells()]
+        return "\n".join([*out, "", self.verdict(), *[f"- {line}" for line in self._suggestion_lines()]])
+
+
+def lora_param_count(shape: ModelShape, rank: int, targets: str | list[str]) -> int:
+    """A: r x in plus B: out x r for every target linear in every layer."""
+    names = _targets(targets)
+    return shape.layers * sum(rank * (o + i) for name, (o, i) in shape.linears().items() if name in names)
+
+
+def _optimizer_bytes(shape: ModelShape, rank: int, targets: tuple[str, ...], optimizer: str, a: int) -> int:
+    total = 0
+    for o, i in (shape.linears()[name] for name in targets):
+        for numel in (rank * i, o * rank):  # A, B
+            if optimizer == "adamw":  # torch AdamW: exp_avg and exp_avg_sq in the parameter's dtype
+                total += 2 * a * numel
+            elif optimizer.endswith("8bit") and numel >= 4096:  # bnb keeps tensors < 4096 values in 32 bit
+                total += 2 * numel + 2 * 4 * math.ceil(numel / 256)  # 2 uint8 states + fp32 absmax per 256
+            else:
+                total += 8 * numel  # 2 fp32 states
+    return total * shape.layers
+
+
+def plan_memory(
+    shape: ModelShape,
+    *,
+    seq_len: int = 512,
+    batch_size: int = 1,
+    rank: int = 64,
+    targets: str | list[str] = "all-linear",
+    optimizer: str = "auto",
+    checkpointing: bool = True,
+    compute_dtype: str = "auto",
+    adapter_dtype: str = "auto",
+    lora_dropout: float = 0.05,
+    device: str = "cuda",
+    gpu_bytes: int | None = None,
+    suggest: bool = True,
+) -> MemoryPlan:
+    """Peak memory of one training step of our stack, by category (formulas: docs/memory.md)."""
+    device = "cuda" if device.startswith("cuda") else device
+    compute_dtype = ("bf16" if device == "cuda" else "fp32") if compute_dtype == "auto" else compute_dtype
+    adapter_dtype = compute_dtype if adapter_dtype == "auto" else adapter_dtype
+    optimizer = ("paged_adamw_32bit" if device == "cuda" else "adamw") if optimizer == "auto" else optimizer
+    for key, value, allowed in [
+        ("device", device, ("cuda", "cpu")),
+        ("compute_dtype", compute_dtype, DTYPE_BYTES),
+        ("adapter_dtype", adapter_dtype, DTYPE_BYTES),
+        ("optimizer", optimizer, OPTIMIZERS),
+    ]:
+        if value not in allowed:
+            raise QloraKitError(f"{key} {value!r} is not one of: {', '.join(allowed)}")
+    if min(seq_len, batch_size, rank) < 1:
+        raise QloraKitError(f"seq_len, batch_size, rank must be >= 1 (got {seq_len}, {batch_size}, {rank})")
+    names = _targets(targets)
+    targets = targets if isinstance(targets, str) else list(targets)
+    settings = dict(seq_len=seq_len, batch_size=batch_size, rank=rank, targets=targets, optimizer=optimizer)
+    settings |= dict(checkpointing=checkpointing, compute_dtype=compute_dtype, adapter_dtype=adapter_dtype)
+    settings |= dict(lora_dropout=lora_dropout, device=device)
+    c, a, k = DTYPE_BYTES[compute_dtype], DTYPE_BYTES[adapter_dtype], ACTIVATION_COEFFS
+    L, h, v, tokens = shape.layers, shape.hidden, shape.vocab, batch_size * seq_len
+    rows: list[Row] = []
+
+    def add(category: str, item: str, nbytes: float, note: str) -> None:
+        rows.append(Row(category, item, int(nbytes), note))
+
+    # Weights: every decoder linear in NF4 (sizes of the tensors NF4Linear stores), the rest in compute dtype.
+    nf4 = [nf4_bytes(o, i) for o, i in shape.linears().values()]
+    note = f"{shape.quantized_params / 1e9:.2f}B params in {7 * L} decoder linears, 4 bits each"
+    add("weights", "NF4 codes", L * sum(b.codes for b in nf4), note)
+    add("weights", "NF4 absmax", L * sum(b.absmax for b in nf4), "one uint8 absmax per block of 64 values")
+    add("weights", "NF4 nested stats", L * sum(b.nested for b in nf4), "fp32 scale per 256 absmax + offset")
+    embeddings = "embeddings (tied: lm_head is the same tensor)" if shape.tied else "embeddings, lm_head"
+    note = f"{embeddings}, norms{', q/k/v biases' if shape.qkv_bias else ''} in {compute_dtype}"
+    # + the rotary inv_freq and original_inv_freq buffers: head_dim/2 fp32 values each
+    add("weights", "non-quantized weights", c * shape.non_quantized_params + 4 * shape.head_dim, note)
+
+    n_lora = lora_param_count(shape, rank, names)
+    note = f"{n_lora / 1e6:.1f}M params: A r x in, B out x r on {len(names)} linears x {L} layers"
+    add("adapters", "LoRA parameters", a * n_lora, f"{note}, {adapter_dtype}")
+    add("adapters", "LoRA gradients", a * n_lora, f"one .grad per LoRA parameter, {adapter_dtype}")
+    opt = _optimizer_bytes(shape, rank, names, optimizer, a)
+    note = (
+        "2 uint8 states + fp32 absmax per 256: ~2 B/param"
+        if "8bit" in optimizer
+        else "2 fp32 states: 8 B/param"
+    )
+    note = f"torch AdamW: 2 states in {adapter_dtype}" if optimizer == "adamw" else note
+    if optimizer.startswith("paged"):
+        note += "; paged: may all move to host RAM under pressure"
+    add("optimizer", f"{optimizer} states", opt, note)
+
+    # Activations kept for backward.
+    knobs = dict(c=c, a=a, rank=rank, targets=names, dropout=lora_dropout, device=device)
+    terms = layer_activation_bytes(shape, **knobs)
+    one_layer = tokens * sum(terms.values())
+    if checkpointing:  # non-reentrant per-layer checkpointing keeps each layer's input, recomputes the rest
+        note = f"{L} layers x b*s*hidden in {compute_dtype}"
+        add("activations", "checkpointed layer inputs", L * tokens * h * c, note)
+    else:
+        detail = ", ".join(f"{name} {b * tokens / MB:,.1f}" for name, b in terms.items())
+        add("activations", "saved activations", L * one_layer, f"{L} layers x ({detail}) MB")
+    # logits (compute dtype, held by the output) + fp32 log-probs kept by cross entropy; the final norm's
+    # fp32 input; RoPE cos/sin, shared by all layers.
+    note = f"b*s*vocab logits in {compute_dtype} + fp32 log-probs for the loss, final norm, rope cos/sin"
+    add("activations", "logits + loss", tokens * (v * (c + 4) + 4 * (h + 1) + 2 * c * shape.head_dim), note)
+
+    # The largest short-lived allocation: the loss backward, or one layer's backward (its recomputed
+    # activations under checkpointing, one dequantized weight, the working gradients).
+    dequant = c * max(o * i for o, i in shape.linears().values())
+    workspace = tokens * c * (k["grad_workspace_hidden"] * h + k["grad_workspace_ffn"] * shape.ffn)
+    layer_backward = "layer backward (" + ("recomputed layer + " if checkpointing else "")
+    candidates = {
+        "loss backward (fp32 grads of the logits)": k["loss_backward_fp32_vocab"] * 4 * tokens * v,
+        layer_backward + "dequantized weight + grads)": dequant + workspace + checkpointing * one_layer,
+    }
+    which = max(candidates, key=candidates.__getitem__)
+    other = ", ".join(f"{n} {b / MB:,.0f} MB" for n, b in candidates.items() if n != which)
+    add("transient", "largest transient", candidates[which], f"{which}; other: {other}")
+
+    dynamic = sum(r.bytes for r in rows if r.category in ("adapters", "activations", "transient"))
+    note = f"assumed {k['allocator_slack']:.0%} of adapters + activations + transient (fragmentation)"
+    add("runtime", "allocator slack", k["allocator_slack"] * dynamic, note)
+    if device == "cuda":
+        add("runtime", "CUDA context", k["cuda_context_bytes"], "assumed: CUDA context + cuBLAS workspace")
+    else:
+        add("runtime", "process runtime", k["cpu_runtime_bytes"], "assumed: Python + torch + libraries (RSS)")
+
+    plan = MemoryPlan(shape, settings, rows, gpu_bytes, opt if optimizer.startswith("paged") else 0)
+    if suggest and plan.fits is False:
+        plan.suggestions = _suggestions(plan)
+    return plan
+
+
+def _suggestions(plan: MemoryPlan) -> list[Suggestion]:
+    """Each knob turned on its own and the plan redone: how much it saves and whether that alone fits."""
+    s, shape, budget = plan.settings, plan.model, plan.gpu_bytes
+    changes: list[tuple[str, dict]] = []
+    if not s["checkpointing"]:
+        changes.append(("turn on gradient checkpointing", {"checkpointing": True}))
+    for knob, vary in (("batch_size", "batch"), ("seq_len", "seq")):
+        if s[knob] > 1:  # the largest value that fits, or half when none does
+            best = max_fitting(shape, budget, vary=vary, **s)
+            value = best if 0 < best < s[knob] else s[knob] // 2
+            changes.append((f"{vary} {s[knob]} -> {value}", {knob: value}))
+    if s["rank"] > 8:
+        changes.append((f"rank {s['rank']} -> {s['rank'] // 4}", {"rank": s["rank"] // 4}))
+    if s["targets"] != "attention":
+        changes.append(("LoRA on attention only (q,k,v,o)", {"targets": "attention"}))
+    if not s["optimizer"].endswith("8bit"):
+        changes.append(("paged_adamw_8bit optimizer", {"optimizer": "paged_adamw_8bit"}))
+    out = []
+    for text, knob in changes:
+        new = plan_memory(shape, **{**s, **knob}, gpu_bytes=budget, suggest=False)
+        if new.total < plan.total:
+            out.append(Suggestion(text, knob, new.total, plan.total - new.total, bool(new.fits)))
+    bigger = next((g for g in GPU_SIZES_GIB if g * GiB >= plan.total), None)
+    if bigger:
+        out.append(Suggestion(f"a {bigger} GiB GPU", {}, plan.total, 0, True))
+    return out
+
+
+def max_fitting(shape: ModelShape, gpu_bytes: int, vary: str = "batch", **knobs) -> int:
+    """The largest batch size (or sequence length) whose plan fits in ``gpu_bytes``; 0 if even 1 does not."""
+    key = {"batch": "batch_size", "seq": "seq_len"}[vary]
+    knobs = {name: value for name, value in knobs.items() if name not in (key, "gpu_bytes", "suggest")}
+
+    def fits(n: int) -> bool:
+        return plan_memory(shape, **knobs, **{key: n}, suggest=False).total <= gpu_bytes
+
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2
+    while hi <= 2**24 and fits(hi):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:  # fits(lo), not fits(hi)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+# --- the QLoRA paper: LLaMA-7B (Dettmers et al. 2023, section 4 and Figure 6) -------------------------------
+
+
+def paper_comparison() -> list[dict]:
+    """The paper's LLaMA-7B figures (MB) next to ours, each with why they differ (docs/memory.md)."""
+    llama = PRESETS["llama-7b"]
+    rows = {r.item: r.bytes for r in plan_memory(llama, seq_len=512, batch_size=1).rows}
+    nf4 = rows["NF4 codes"] + rows["NF4 absmax"] + rows["NF4 nested stats"]
+    base = nf4 + rows["non-quantized weights"]
+    fp32_extra = 2 * llama.non_quantized_params  # bf16 -> fp32 embeddings, lm_head, norms
+    lora_02 = 2 * lora_param_count(llama, 13, "attention")  # 0.2% of the weights: q,k,v,o at r=13, bf16
+    # The LoRA inputs one layer keeps at b1 s512: all linears, bf16, no dropout.
+    knobs = dict(c=2, a=2, rank=64, targets=LINEAR_NAMES, dropout=0.0, device="cuda")
+    inputs = 512 * layer_activation_bytes(llama, **knobs)["lora"]
+    why_base = (
+        f"ours: NF4 linears {nf4 / MB:,.0f} MB (4.127 bits/param) + bf16 embeddings, lm_head, norms. The "
+        f"paper's stack kept those in fp32 (+{fp32_extra / MB:,.0f} MB = {(base + fp32_extra) / MB:,.0f} MB);"
+        " "
+        "the remaining ~660 MB fits a measured figure that includes the CUDA context. Read as MiB "
+        "(5,293 MB) the gap would only grow."
+    )
+    why_lora = (
+        "0.2% of 6.74B params in bf16 is 27.0 MB (25.7 MiB); with an integer rank that is LoRA on q,k,v,o "
+        "at r=13 (13.6M params, 26.0 MiB). The paper's runs (r=64, all linears) have 160M params: 320 MB."
+    )
+    why_inputs = (
+        "ours: all linears, bf16, no dropout: per layer 2 hidden-wide inputs (q/k/v share one, gate/up the "
+        "other; o reuses SDPA's saved output) + 1 ffn-wide (down) + the r-wide A outputs = 4.8 hidden-wide "
+        "tensors. The paper gives no formula; 567 MB is 4.2 hidden-wide tensors per layer."
+    )
+    why_ckpt = (
+        "one recomputed layer's share (paper: 567/32 = 17.7). The checkpoints themselves (32 layer inputs, "
+        f"{32 * 512 * 4096 * 2 / MB:,.0f} MB per 512-token sequence) are not in the paper's figure."
+    )
+    table = [
+        ("4-bit base model", 5048, base, why_base),
+        ("LoRA parameters (0.2% of weights)", 26, lora_02, why_lora),
+        ("LoRA inputs kept, b1 s512, no checkpointing", 567, 32 * inputs, why_inputs),
+        ("same with checkpointing (per sequence)", 18, inputs, why_ckpt),
+    ]
+    return [{"item": i, "paper_mb": p, "ours_mb": round(b / MB), "why": w} for i, p, b, w in table]
+
+
+# --- CLI ---------------------------------------------------------------------------------------------------
+
+
+def parse_size(text: str) -> int:
+    """'24GB', '24GiB', '24G' -> 24 GiB (GPU memory comes in GiB-sized units); '500MB' -> MiB; bytes."""
+    t = text.strip().upper().replace("IB", "B")
+    units = {"TB": 2**40, "GB": GiB, "MB": 2**20, "T": 2**40, "G": GiB, "M": 2**20}
+    unit = next((u for u in units if t.endswith(u)), "")
+    try:
+        value = float(t.removesuffix(unit) if unit else t)
+    except ValueError:
+        raise QloraKitError(f"--gpu {text!r}: write a size like 24GB, 80GB or a number of bytes") from None
+    return int(value * units.get(unit, 1))
+
+
+def plan_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="qlora-kit plan", description="Plan the GPU memory of a QLoRA run.")
+    p.add_argument("--model", help="HF checkpoint dir, hub id, short id or preset (see --list-presets)")
+    p.add_argument("--seq", type=int, default=512, help="sequence length in tokens (default 512)")
+    p.add_argument("--batch", type=int, default=1, help="micro batch size (default 1)")
+    p.add_argument("--rank", type=int, default=64, help="LoRA rank r (default 64)")
+    p.add_argument("--targets", default="all-linear", help="attention | all-linear | q_proj,v_proj,...")
+    p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (> 0 keeps a mask per adapter)")
+    p.add_argument("--optimizer", default="auto", choices=("auto", *OPTIMIZERS), help="auto: paged 32-bit")
+    p.add_argument("--checkpointing", default="on", choices=("on", "off"), help="per-layer, default on")
+    p.add_argument(
+        "--compute-dtype", default="auto", choices=("auto", *DTYPE_BYTES), help="auto: bf16 on cuda"
+    )
+    p.add_argument("--adapter-dtype", default="auto", choices=("auto", *DTYPE_BYTES), help="auto: compute")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--gpu", help="memory to fit in: 24GB, 48GB, 80GB (as GiB: 24GB = 24 x 2^30) or bytes")
+    p.add_argument(
+        "--max", choices=("batch", "seq"), help="print the largest batch or seq that fits in --gpu"
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument("--list-presets", action="store_true", help="list the built-in model shapes")
+    args = p.parse_args(argv)
+    if args.list_presets:
+        for s in PRESETS.values():
+            kv = f" ({s.kv_heads} kv)" if s.kv_heads != s.heads else ""
+            print(f"{s.name:<12} {s.params / 1e9:5.1f}B  hidden {s.hidden}, {s.layers} layers, ", end="")
+            print(f"{s.heads} heads{kv}, ffn {s.ffn}, vocab {s.vocab}")
+        return 0
+    if not args.model:
+        p.error("--model is required (an HF dir, hub id or one of --list-presets)")
+    if args.max and not args.gpu:
+        p.error("--max needs --gpu")
+    gpu = parse_size(args.gpu) if args.gpu else None
+    knobs = dict(seq_len=args.seq, batch_size=args.batch, rank=args.rank, targets=args.targets)
+    knobs |= dict(optimizer=args.optimizer, checkpointing=args.checkpointing == "on", device=args.device)
+    knobs |= dict(
+        compute_dtype=args.compute_dtype, adapter_dtype=args.adapter_dtype, lora_dropout=args.dropout
+    )
+    shape = model_shape(args.model)
+    if args.max:
+        best = max_fitting(shape, gpu, vary=args.max, **knobs)
+        print(
+            json.dumps({args.max: best})
+            if args.json
+            else f"largest {args.max} that fits in {args.gpu}: {best}"
+        )
+        return 0
+    plan = plan_memory(shape, **knobs, gpu_bytes=gpu)
+    print(plan.to_json() if args.json else plan.table())
+    return 0
