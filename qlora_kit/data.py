@@ -17,6 +17,8 @@ Sources: a local .json/.jsonl/.csv/.parquet file, a directory of them, or a hub 
 that does not look like a path). Formats: ``alpaca`` (instruction, optional input, output; Alpaca-LoRA
 templates) and ``chat`` (a ``messages`` list rendered by the tokenizer's chat template with loss on the
 assistant turns only, or a Guanaco/OASST ``text`` column of "### Human: ... ### Assistant: ..." turns).
+ShareGPT messages ({"from": "human"|"gpt", "value": ...}) are read as role/content. ``data.split`` picks
+the split of a hub dataset; local files are read whole. ``data.max_samples`` caps val_path rows too.
 
 Packed batches: each row holds several examples back to back, ``position_ids`` restart at 0 for each one
 and there is no ``attention_mask``. Call ``model(**batch, use_cache=False)``: transformers then derives a
@@ -36,11 +38,14 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from qlora_kit.errors import QloraKitError
+
+if TYPE_CHECKING:
+    from qlora_kit.config import DataConfig
 
 IGNORE_INDEX = -100  # labels with this value take no loss (torch cross_entropy's ignore_index)
 
@@ -158,14 +163,12 @@ def _resolve_columns(source: str, columns: list[str], fmt: str, column_map: Mapp
     for field in column_map:
         if field not in FIELDS[fmt]:
             raise QloraKitError(
-                f"data.column_map key {field!r} is not a {fmt} field; the fields are: "
-                f"{', '.join(FIELDS[fmt])}"
+                f"data.column_map key {field!r} is not a {fmt} field; the fields are: {', '.join(FIELDS[fmt])}"
             )
     for field, column in column_map.items():
         if column not in columns:
             raise QloraKitError(
-                f"{source}: column {column!r} (from data.column_map.{field}) does not exist; "
-                f"the columns are: {have}"
+                f"{source}: column {column!r} (from data.column_map.{field}) does not exist; the columns are: {have}"
             )
     if fmt == "alpaca":
         resolved = {}
@@ -199,11 +202,7 @@ def _text_field(value: Any, source: str, row: int, field: str, required: bool) -
     if value is None and not required:
         return ""
     if not isinstance(value, str) or (required and not value.strip()):
-        shown = (
-            "missing"
-            if value is None
-            else ("empty" if isinstance(value, str) else f"a {type(value).__name__}")
-        )
+        shown = "missing" if value is None else ("empty" if isinstance(value, str) else f"a {type(value).__name__}")
         raise QloraKitError(
             f"{source}: row {row}: field {field!r} is {shown}; every row needs a non-empty "
             f"text {field!r} (fix or remove the row)"
@@ -293,9 +292,7 @@ def tokenize_alpaca(
     return {"input_ids": prompt + response, "labels": labels + response}
 
 
-def tokenize_chat(
-    tokenizer: Any, messages: list[dict[str, str]], *, train_on_inputs: bool = False
-) -> Example:
+def tokenize_chat(tokenizer: Any, messages: list[dict[str, str]], *, train_on_inputs: bool = False) -> Example:
     """Render through the chat template; only the tokens each assistant message adds take loss.
 
     Prefixes are rendered one message at a time: the text an assistant message adds after the generation
@@ -376,14 +373,12 @@ class PreparedData:
     pad_token_id: int
 
 
-def prepare_data(cfg: Any, tokenizer: Any, verbose: bool = True) -> PreparedData:
+def prepare_data(cfg: DataConfig, tokenizer: Any, verbose: bool = True) -> PreparedData:
     """Load, validate, split and tokenize the data that ``cfg`` (a DataConfig) describes."""
     if cfg.format not in FORMATS:
         raise QloraKitError(f"data.format={cfg.format!r} is not supported; use one of: {', '.join(FORMATS)}")
     if cfg.format == "alpaca" and cfg.template not in TEMPLATES:
-        raise QloraKitError(
-            f"data.template={cfg.template!r} is not supported; use one of: {', '.join(TEMPLATES)}"
-        )
+        raise QloraKitError(f"data.template={cfg.template!r} is not supported; use one of: {', '.join(TEMPLATES)}")
     if cfg.cutoff_len < 2:
         raise QloraKitError(f"data.cutoff_len={cfg.cutoff_len} is too small; use at least 2 (e.g. 256)")
     column_map = dict(cfg.column_map or {})
@@ -466,7 +461,7 @@ def split_validation(rows: list, val_set_size: float, seed: int) -> tuple[list, 
     return train, val
 
 
-def _tokenize_rows(rows: list[tuple[str, int, Any]], cfg: Any, tokenizer: Any) -> tuple[list[Example], dict]:
+def _tokenize_rows(rows: list[tuple[str, int, Any]], cfg: DataConfig, tokenizer: Any) -> tuple[list[Example], dict]:
     examples: list[Example] = []
     counts = {"truncated": 0, "dropped": 0}
     for source, index, fields in rows:
@@ -546,7 +541,7 @@ def pack(examples: Sequence[Example]) -> dict[str, list[int]]:
     row: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
     for example in examples:
         row["input_ids"].extend(example["input_ids"])
-        row["labels"].extend(example["labels"])
+        row["labels"].extend([IGNORE_INDEX, *example["labels"][1:]])
         row["position_ids"].extend(range(len(example["input_ids"])))
     return row
 
@@ -688,8 +683,7 @@ class BatchPlan:
             )
         if not 0 <= state["position"] < len(self):
             raise QloraKitError(
-                f"checkpoint data position {state['position']} is outside the epoch's "
-                f"{len(self)} micro-batches"
+                f"checkpoint data position {state['position']} is outside the epoch's {len(self)} micro-batches"
             )
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
@@ -700,6 +694,4 @@ def eval_batches(
     """Validation batches, longest first: little padding, and the peak-memory batch comes first."""
     order = sorted(range(len(examples)), key=lambda i: (-len(examples[i]["input_ids"]), i))
     for start in range(0, len(order), batch_size):
-        yield collate(
-            [examples[i] for i in order[start : start + batch_size]], pad_token_id, pad_to_multiple_of
-        )
+        yield collate([examples[i] for i in order[start : start + batch_size]], pad_token_id, pad_to_multiple_of)

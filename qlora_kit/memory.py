@@ -227,7 +227,7 @@ class Row:
 @dataclass
 class Suggestion:
     change: str
-    knob: dict  # the settings it changes, e.g. {"checkpointing": True}; {} for "a bigger GPU"
+    knob: dict  # what it changes, e.g. {"checkpointing": True}: plan_memory(**settings, **knob) replans it
     total: int  # the plan's total with this one change
     saves: int
     fits: bool
@@ -257,9 +257,7 @@ class MemoryPlan:
     def from_json(cls, text: str) -> MemoryPlan:
         d = json.loads(text)
         rows, suggestions = [Row(**r) for r in d["rows"]], [Suggestion(**s) for s in d["suggestions"]]
-        return cls(
-            ModelShape(**d["model"]), d["settings"], rows, d["gpu_bytes"], d["pageable_bytes"], suggestions
-        )
+        return cls(ModelShape(**d["model"]), d["settings"], rows, d["gpu_bytes"], d["pageable_bytes"], suggestions)
 
     def title(self) -> str:
         s = self.settings
@@ -389,11 +387,7 @@ def plan_memory(
     add("adapters", "LoRA parameters", a * n_lora, f"{note}, {adapter_dtype}")
     add("adapters", "LoRA gradients", a * n_lora, f"one .grad per LoRA parameter, {adapter_dtype}")
     opt = _optimizer_bytes(shape, rank, names, optimizer, a)
-    note = (
-        "2 uint8 states + fp32 absmax per 256: ~2 B/param"
-        if "8bit" in optimizer
-        else "2 fp32 states: 8 B/param"
-    )
+    note = "2 uint8 states + fp32 absmax per 256: ~2 B/param" if "8bit" in optimizer else "2 fp32 states: 8 B/param"
     note = f"torch AdamW: 2 states in {adapter_dtype}" if optimizer == "adamw" else note
     if optimizer.startswith("paged"):
         note += "; paged: may all move to host RAM under pressure"
@@ -409,10 +403,11 @@ def plan_memory(
     else:
         detail = ", ".join(f"{name} {b * tokens / MB:,.1f}" for name, b in terms.items())
         add("activations", "saved activations", L * one_layer, f"{L} layers x ({detail}) MB")
-    # logits (compute dtype, held by the output) + fp32 log-probs kept by cross entropy; the final norm's
-    # fp32 input; RoPE cos/sin, shared by all layers.
+    # logits (compute dtype, held by the output) + fp32 log-probs and int64 targets kept by cross entropy;
+    # the final norm's fp32 input; RoPE cos/sin (s x head_dim each, shared by the batch and all layers).
     note = f"b*s*vocab logits in {compute_dtype} + fp32 log-probs for the loss, final norm, rope cos/sin"
-    add("activations", "logits + loss", tokens * (v * (c + 4) + 4 * (h + 1) + 2 * c * shape.head_dim), note)
+    logits = tokens * (v * (c + 4) + 8 + 4 * (h + 1)) + 2 * seq_len * c * shape.head_dim
+    add("activations", "logits + loss", logits, note)
 
     # The largest short-lived allocation: the loss backward, or one layer's backward (its recomputed
     # activations under checkpointing, one dequantized weight, the working gradients).
@@ -427,8 +422,9 @@ def plan_memory(
     other = ", ".join(f"{n} {b / MB:,.0f} MB" for n, b in candidates.items() if n != which)
     add("transient", "largest transient", candidates[which], f"{which}; other: {other}")
 
-    dynamic = sum(r.bytes for r in rows if r.category in ("adapters", "activations", "transient"))
-    note = f"assumed {k['allocator_slack']:.0%} of adapters + activations + transient (fragmentation)"
+    # Fragmentation hits what is allocated and freed every step: gradients, activations, transients.
+    dynamic = sum(r.bytes for r in rows if r.category in ("activations", "transient") or "gradients" in r.item)
+    note = f"assumed {k['allocator_slack']:.0%} of gradients + activations + transient (fragmentation)"
     add("runtime", "allocator slack", k["allocator_slack"] * dynamic, note)
     if device == "cuda":
         add("runtime", "CUDA context", k["cuda_context_bytes"], "assumed: CUDA context + cuBLAS workspace")
@@ -465,7 +461,7 @@ def _suggestions(plan: MemoryPlan) -> list[Suggestion]:
             out.append(Suggestion(text, knob, new.total, plan.total - new.total, bool(new.fits)))
     bigger = next((g for g in GPU_SIZES_GIB if g * GiB >= plan.total), None)
     if bigger:
-        out.append(Suggestion(f"a {bigger} GiB GPU", {}, plan.total, 0, True))
+        out.append(Suggestion(f"a {bigger} GiB GPU", {"gpu_bytes": bigger * GiB}, plan.total, 0, True))
     return out
 
 
@@ -556,15 +552,11 @@ def plan_main(argv: list[str] | None = None) -> int:
     p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (> 0 keeps a mask per adapter)")
     p.add_argument("--optimizer", default="auto", choices=("auto", *OPTIMIZERS), help="auto: paged 32-bit")
     p.add_argument("--checkpointing", default="on", choices=("on", "off"), help="per-layer, default on")
-    p.add_argument(
-        "--compute-dtype", default="auto", choices=("auto", *DTYPE_BYTES), help="auto: bf16 on cuda"
-    )
+    p.add_argument("--compute-dtype", default="auto", choices=("auto", *DTYPE_BYTES), help="auto: bf16 on cuda")
     p.add_argument("--adapter-dtype", default="auto", choices=("auto", *DTYPE_BYTES), help="auto: compute")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--gpu", help="memory to fit in: 24GB, 48GB, 80GB (as GiB: 24GB = 24 x 2^30) or bytes")
-    p.add_argument(
-        "--max", choices=("batch", "seq"), help="print the largest batch or seq that fits in --gpu"
-    )
+    p.add_argument("--max", choices=("batch", "seq"), help="print the largest batch or seq that fits in --gpu")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--list-presets", action="store_true", help="list the built-in model shapes")
     args = p.parse_args(argv)
@@ -581,17 +573,11 @@ def plan_main(argv: list[str] | None = None) -> int:
     gpu = parse_size(args.gpu) if args.gpu else None
     knobs = dict(seq_len=args.seq, batch_size=args.batch, rank=args.rank, targets=args.targets)
     knobs |= dict(optimizer=args.optimizer, checkpointing=args.checkpointing == "on", device=args.device)
-    knobs |= dict(
-        compute_dtype=args.compute_dtype, adapter_dtype=args.adapter_dtype, lora_dropout=args.dropout
-    )
+    knobs |= dict(compute_dtype=args.compute_dtype, adapter_dtype=args.adapter_dtype, lora_dropout=args.dropout)
     shape = model_shape(args.model)
     if args.max:
         best = max_fitting(shape, gpu, vary=args.max, **knobs)
-        print(
-            json.dumps({args.max: best})
-            if args.json
-            else f"largest {args.max} that fits in {args.gpu}: {best}"
-        )
+        print(json.dumps({args.max: best}) if args.json else f"largest {args.max} that fits in {args.gpu}: {best}")
         return 0
     plan = plan_memory(shape, **knobs, gpu_bytes=gpu)
     print(plan.to_json() if args.json else plan.table())

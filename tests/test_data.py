@@ -5,7 +5,6 @@ Uses the real SmolLM2 tokenizer (fast to load; no model weights) and small files
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import random
@@ -17,6 +16,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from qlora_kit.config import DataConfig
 from qlora_kit.data import (
     IGNORE_INDEX,
     BatchPlan,
@@ -39,32 +39,6 @@ ROWS = [
     {"instruction": "Write 42 in words.", "input": "", "output": "forty-two"},
     {"instruction": "Sum the numbers.", "input": "3 apples and 4 pears", "output": "7"},
 ]
-
-
-def data_config(**overrides):
-    """A DataConfig from qlora_kit.config when it exists, else a stand-in with the contract's fields."""
-    try:
-        from qlora_kit.config import DataConfig
-    except ImportError:
-
-        @dataclasses.dataclass
-        class DataConfig:
-            path: str = "recipes/data/text_tools_train.jsonl"
-            format: str = "alpaca"
-            split: str = "train"
-            val_path: str | None = None
-            val_set_size: float = 0.0
-            column_map: dict[str, str] = dataclasses.field(default_factory=dict)
-            template: str = "alpaca"
-            cutoff_len: int = 256
-            train_on_inputs: bool = False
-            add_eos: bool = True
-            group_by_length: bool = True
-            packing: bool = False
-            max_samples: int | None = None
-            shuffle_seed: int = 42
-
-    return DataConfig(**overrides)
 
 
 @pytest.fixture(scope="module")
@@ -162,17 +136,15 @@ def test_guanaco_text_becomes_messages():
 
 def test_chat_format_reads_guanaco_text_and_sharegpt_columns(tokenizer, tmp_path, capsys):
     guanaco = write_jsonl(tmp_path / "guanaco.jsonl", [{"text": "### Human: Hi### Assistant: Hello!"}])
-    prepared = prepare_data(data_config(path=str(guanaco), format="chat"), tokenizer)
-    expected = tokenize_chat(
-        tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
-    )
+    prepared = prepare_data(DataConfig(path=str(guanaco), format="chat"), tokenizer)
+    expected = tokenize_chat(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}])
     assert prepared.train == [expected]
 
     sharegpt = write_jsonl(
         tmp_path / "sharegpt.jsonl",
         [{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]}],
     )
-    cfg = data_config(path=str(sharegpt), format="chat", column_map={"messages": "conversations"})
+    cfg = DataConfig(path=str(sharegpt), format="chat", column_map={"messages": "conversations"})
     assert prepare_data(cfg, tokenizer).train == [expected]
 
 
@@ -181,8 +153,8 @@ def test_chat_format_reads_guanaco_text_and_sharegpt_columns(tokenizer, tmp_path
 
 def test_cutoff_truncates_keeping_the_beginning(tokenizer, tmp_path, capsys):
     path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "Repeat.", "output": "word " * 100}])
-    full = prepare_data(data_config(path=str(path)), tokenizer).train[0]
-    cut = prepare_data(data_config(path=str(path), cutoff_len=60), tokenizer)
+    full = prepare_data(DataConfig(path=str(path)), tokenizer).train[0]
+    cut = prepare_data(DataConfig(path=str(path), cutoff_len=60), tokenizer)
     assert len(full["input_ids"]) > 60
     assert cut.train[0] == {key: value[:60] for key, value in full.items()}
     assert cut.stats.truncated == 1 and cut.stats.dropped == 0
@@ -192,7 +164,7 @@ def test_cutoff_truncates_keeping_the_beginning(tokenizer, tmp_path, capsys):
 def test_examples_whose_prompt_fills_the_cutoff_are_dropped_with_a_warning(tokenizer, tmp_path, capsys):
     rows = [ROWS[1], {"instruction": "Summarize. " + "long text " * 80, "output": "ok"}, ROWS[2]]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    prepared = prepare_data(data_config(path=str(path), cutoff_len=64), tokenizer)
+    prepared = prepare_data(DataConfig(path=str(path), cutoff_len=64), tokenizer)
     assert prepared.stats.dropped == 1 and prepared.stats.examples == 2
     assert all(any(label != IGNORE_INDEX for label in ex["labels"]) for ex in prepared.train)
     assert "dropped 1 examples" in capsys.readouterr().out
@@ -214,28 +186,28 @@ def test_json_jsonl_csv_parquet_and_directory_give_the_same_examples(tokenizer, 
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
     expected = [tokenize_alpaca(tokenizer, r["instruction"], r["input"], r["output"]) for r in rows]
     for name in ["d.jsonl", "d.json", "d.csv", "d.parquet"]:
-        assert prepare_data(data_config(path=str(tmp_path / name)), tokenizer).train == expected, name
+        assert prepare_data(DataConfig(path=str(tmp_path / name)), tokenizer).train == expected, name
     folder = tmp_path / "folder"
     folder.mkdir()
     write_jsonl(folder / "a.jsonl", rows[:2])
     write_jsonl(folder / "b.jsonl", rows[2:])
-    assert prepare_data(data_config(path=str(folder)), tokenizer).train == expected
+    assert prepare_data(DataConfig(path=str(folder)), tokenizer).train == expected
 
 
 def test_missing_input_column_and_column_map(tokenizer, tmp_path, capsys):
     path = write_jsonl(tmp_path / "d.jsonl", [{"question": "Say hi.", "answer": "hi"}])
-    cfg = data_config(path=str(path), column_map={"instruction": "question", "output": "answer"})
+    cfg = DataConfig(path=str(path), column_map={"instruction": "question", "output": "answer"})
     assert prepare_data(cfg, tokenizer).train == [tokenize_alpaca(tokenizer, "Say hi.", "", "hi")]
 
 
 def test_max_samples_uses_the_first_rows(tokenizer, tmp_path, capsys):
     path = write_jsonl(tmp_path / "d.jsonl", ROWS)
-    prepared = prepare_data(data_config(path=str(path), max_samples=2), tokenizer)
+    prepared = prepare_data(DataConfig(path=str(path), max_samples=2), tokenizer)
     assert prepared.train == [tokenize_alpaca(tokenizer, **row) for row in ROWS[:2]]
 
 
 def test_the_sample_recipe_data_prepares_cleanly(tokenizer, capsys):
-    cfg = data_config(
+    cfg = DataConfig(
         path=str(REPO / "recipes/data/text_tools_train.jsonl"),
         val_path=str(REPO / "recipes/data/text_tools_val.jsonl"),
     )
@@ -262,7 +234,7 @@ def test_sample_data_files_are_what_the_generator_writes():
 
 def expect_error(tokenizer, *fragments: str, **cfg) -> None:
     with pytest.raises(QloraKitError) as raised:
-        prepare_data(data_config(**cfg), tokenizer)
+        prepare_data(DataConfig(**cfg), tokenizer)
     for fragment in fragments:
         assert fragment in str(raised.value), (fragment, str(raised.value))
 
@@ -320,9 +292,7 @@ def test_empty_dataset_is_named(tokenizer, tmp_path, content):
 
 
 def test_unreachable_hub_dataset_is_a_clear_error(tokenizer, monkeypatch):
-    monkeypatch.setattr(
-        datasets.config, "HF_HUB_OFFLINE", True
-    )  # fail at once instead of retrying the network
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # fail at once instead of retrying the network
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     expect_error(tokenizer, "'someone/no-such-dataset'", "hub", path="someone/no-such-dataset")
 
@@ -340,11 +310,9 @@ def test_val_split_count_and_fraction_deterministic(tokenizer, tmp_path, capsys)
     with pytest.raises(QloraKitError, match="val_set_size"):
         split_validation(rows, 50, seed=1)
 
-    path = write_jsonl(
-        tmp_path / "d.jsonl", [{"instruction": f"Echo {i}.", "output": str(i)} for i in range(20)]
-    )
-    first = prepare_data(data_config(path=str(path), val_set_size=0.25, shuffle_seed=3), tokenizer)
-    again = prepare_data(data_config(path=str(path), val_set_size=0.25, shuffle_seed=3), tokenizer)
+    path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": f"Echo {i}.", "output": str(i)} for i in range(20)])
+    first = prepare_data(DataConfig(path=str(path), val_set_size=0.25, shuffle_seed=3), tokenizer)
+    again = prepare_data(DataConfig(path=str(path), val_set_size=0.25, shuffle_seed=3), tokenizer)
     assert (len(first.train), len(first.val)) == (15, 5)
     assert (first.train, first.val) == (again.train, again.val)
     assert not {tuple(e["input_ids"]) for e in first.train} & {tuple(e["input_ids"]) for e in first.val}
@@ -354,10 +322,7 @@ def test_val_split_count_and_fraction_deterministic(tokenizer, tmp_path, capsys)
 
 
 def fake_examples(lengths: list[int]) -> list[dict[str, list[int]]]:
-    return [
-        {"input_ids": [10 + i] * n, "labels": [IGNORE_INDEX] + [10 + i] * (n - 1)}
-        for i, n in enumerate(lengths)
-    ]
+    return [{"input_ids": [10 + i] * n, "labels": [IGNORE_INDEX] + [10 + i] * (n - 1)} for i, n in enumerate(lengths)]
 
 
 def random_lengths(count: int, seed: int = 0) -> list[int]:
@@ -396,7 +361,8 @@ def test_resume_from_state_dict_continues_at_the_exact_next_batch():
 
 
 def test_length_grouping_cuts_padding():
-    examples = fake_examples(random_lengths(400))
+    lengths = random.Random(0).sample(range(4, 600), 400)  # distinct, so exactly one example is the longest
+    examples = fake_examples(lengths)
 
     def padding(plan: BatchPlan) -> int:
         total = 0
@@ -412,7 +378,7 @@ def test_length_grouping_cuts_padding():
     small_batches = BatchPlan(examples, 2, pad_token_id=0, seed=1)  # 4 windows of 100 examples
     for epoch in range(3):
         first = small_batches.batches_for_epoch(epoch)[0]
-        assert max(len(examples[row[0]]["input_ids"]) for row in first) == max(random_lengths(400))
+        assert max(len(examples[row[0]]["input_ids"]) for row in first) == max(lengths)
 
 
 def test_packing_fills_blocks_and_restarts_positions():
@@ -450,9 +416,7 @@ def test_packed_rows_give_each_example_the_logits_it_has_alone():
     # transformers builds a block-diagonal mask from position_ids, so packed examples cannot see each other.
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config(), dtype=torch.float32).eval()
-    examples = [
-        {"input_ids": list(range(3 + 7 * i, 10 + 9 * i)), "labels": [1] * (7 + 2 * i)} for i in range(3)
-    ]
+    examples = [{"input_ids": list(range(3 + 7 * i, 10 + 9 * i)), "labels": [1] * (7 + 2 * i)} for i in range(3)]
     batch = collate([pack(examples)], pad_token_id=0, pad_to_multiple_of=32)
     with torch.no_grad():
         packed = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits[0]

@@ -1,0 +1,122 @@
+"""Shared by the bench scripts: who ran it (machine info), how to save figures, how to read host memory.
+
+Scripts run as ``python bench/<name>.py`` from the repo root, so they import this as ``from _common import ...``
+(the script's own directory is on ``sys.path``). Results go to ``bench/results/<name>.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+MB = 1024 * 1024
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _ram_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except Exception:  # not installed, or broken on this machine: say so instead of failing the bench
+        return None
+
+
+def machine_info() -> dict[str, Any]:
+    """Where and with what a figure was measured; stored next to every result."""
+    import torch
+
+    info: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "nproc": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "ram_gb": round(_ram_bytes() / 1024**3, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "bitsandbytes": _version("bitsandbytes"),
+        "transformers": _version("transformers"),
+        "peft": _version("peft"),
+        "cuda": torch.cuda.is_available(),
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"] = props.name
+        info["gpu_memory_gb"] = round(props.total_memory / 1024**3, 1)
+        info["cuda_version"] = torch.version.cuda
+    return info
+
+
+def machine_markdown(info: dict[str, Any]) -> str:
+    gpu = f"{info['gpu']} ({info['gpu_memory_gb']} GB), CUDA {info['cuda_version']}" if info.get("cuda") else "none"
+    return (
+        f"Machine: {info['cpu']}, {info['nproc']} CPUs (torch threads {info['torch_threads']}), "
+        f"{info['ram_gb']} GB RAM, GPU: {gpu}; {info['platform']}.  \n"
+        f"Python {info['python']}, torch {info['torch']}, bitsandbytes {info['bitsandbytes']}, "
+        f"transformers {info['transformers']}, peft {info['peft']}. Measured {info['date']}."
+    )
+
+
+def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def save_results(name: str, data: dict[str, Any], markdown: str) -> tuple[Path, Path]:
+    """Write ``bench/results/<name>.json`` (data plus ``machine``) and ``<name>.md`` (markdown plus machine line).
+
+    ``data["machine"]`` is filled in with ``machine_info()`` unless the caller already put one there.
+    """
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    data = {**data, "machine": data.get("machine") or machine_info()}
+    json_path = RESULTS_DIR / f"{name}.json"
+    md_path = RESULTS_DIR / f"{name}.md"
+    json_path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    command = "python " + " ".join([f"bench/{name}.py", *sys.argv[1:]])
+    md_path.write_text(f"{markdown.rstrip()}\n\n{machine_markdown(data['machine'])}  \nCommand: `{command}`\n")
+    print(f"saved {json_path} and {md_path}")
+    return json_path, md_path
+
+
+# --- host memory (Linux) --------------------------------------------------------------------------------
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set since it started (``ru_maxrss``, KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def rss_bytes() -> dict[str, int]:
+    """Current resident set, total and split into anonymous / file-backed pages (from /proc/self/status).
+
+    The split matters when comparing loaders: pages of a memory-mapped checkpoint count in RSS as
+    ``RssFile`` (the kernel may drop them), heap copies count as ``RssAnon``.
+    """
+    fields = {"VmRSS": "rss", "RssAnon": "anon", "RssFile": "file", "RssShmem": "shmem"}
+    out: dict[str, int] = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in fields:
+            out[fields[key]] = int(value.split()[0]) * 1024
+    return out

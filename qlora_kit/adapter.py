@@ -1,0 +1,168 @@
+"""Adapters on disk in PEFT's layout: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+``peft.PeftModel.from_pretrained(base, dir)`` loads what ``save_adapter`` writes, and ``load_adapter``
+loads what peft writes (LoRA on linear layers, bias "none"). Writes are atomic: files go to a temp dir
+beside the target, which is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from qlora_kit.errors import QloraKitError
+from qlora_kit.lora import add_lora, decoder_linear_names, load_lora_state_dict, lora_layers, lora_state_dict
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+@dataclass
+class AdapterConfig:
+    r: int
+    lora_alpha: float
+    lora_dropout: float
+    target_modules: list[str]
+    use_rslora: bool = False
+    base_model_name_or_path: str | None = None
+
+    def to_peft_json(self) -> dict:
+        return {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "r": self.r,
+            "lora_alpha": self.lora_alpha,
+            "lora_dropout": self.lora_dropout,
+            "target_modules": self.target_modules,
+            "use_rslora": self.use_rslora,
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "inference_mode": True,
+            "init_lora_weights": True,
+            "modules_to_save": None,
+            "base_model_name_or_path": self.base_model_name_or_path,
+        }
+
+
+def adapter_config_of(model: nn.Module, base_model_name_or_path: str | None = None) -> AdapterConfig:
+    """Describe the model's LoRA layers; target_modules as leaf names when they cover whole layer kinds."""
+    layers = lora_layers(model)
+    if not layers:
+        raise QloraKitError("the model has no LoRA layers to save; call add_lora first")
+    first = next(iter(layers.values()))
+    adapted = set(layers)
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in adapted})
+    every_with_leaf = {
+        name for name in decoder_linear_names(model) + list(adapted) if name.rsplit(".", 1)[-1] in leaves
+    }
+    targets = leaves if every_with_leaf == adapted else sorted(adapted)
+    dropout = first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0
+    return AdapterConfig(first.r, first.alpha, dropout, targets, first.use_rslora, base_model_name_or_path)
+
+
+def write_adapter_files(model: nn.Module, directory: Path, base_model_name_or_path: str | None = None) -> None:
+    """Write the two adapter files into an existing directory (no atomicity: callers own the directory)."""
+    config = adapter_config_of(model, base_model_name_or_path)
+    state = {k: v.contiguous() for k, v in lora_state_dict(model).items()}
+    save_file(state, directory / WEIGHTS_NAME, metadata={"format": "pt"})
+    (directory / CONFIG_NAME).write_text(json.dumps(config.to_peft_json(), indent=2) + "\n")
+
+
+def save_adapter(model: nn.Module, directory: str | Path, base_model_name_or_path: str | None = None) -> Path:
+    """Atomically (re)write ``directory`` as a PEFT-layout adapter dir."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise QloraKitError(f"{directory} is a file; choose a directory path for the adapter")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        write_adapter_files(model, tmp, base_model_name_or_path)
+        replace_dir(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Put the complete dir ``new`` at ``target``; an older ``target`` survives until the new one is in place."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{new.name}")
+        target.rename(old)
+        try:
+            new.rename(target)
+        except BaseException:
+            old.rename(target)  # put the earlier dir back: a failed replace must not lose it
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        new.rename(target)
+
+
+def read_adapter_config(directory: str | Path) -> AdapterConfig:
+    directory = Path(directory)
+    config_file = directory / CONFIG_NAME
+    if not directory.is_dir():
+        raise QloraKitError(f"adapter directory {directory} does not exist")
+    if not config_file.is_file():
+        raise QloraKitError(
+            f"{directory} is not an adapter directory: {CONFIG_NAME} is missing "
+            f"(an adapter dir holds {CONFIG_NAME} and {WEIGHTS_NAME})"
+        )
+    try:
+        raw = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise QloraKitError(f"{config_file} is not valid JSON ({e})") from None
+    if raw.get("peft_type", "LORA") != "LORA":
+        raise QloraKitError(f"{config_file}: peft_type {raw.get('peft_type')!r} is not supported; only LORA is")
+    if raw.get("bias", "none") != "none" or raw.get("modules_to_save"):
+        raise QloraKitError(f"{config_file}: only bias='none' adapters without modules_to_save are supported")
+    targets = raw.get("target_modules")
+    if isinstance(targets, str):
+        raise QloraKitError(f"{config_file}: target_modules is a pattern ({targets!r}); list the module names instead")
+    try:
+        return AdapterConfig(
+            r=int(raw["r"]),
+            lora_alpha=float(raw["lora_alpha"]),
+            lora_dropout=float(raw.get("lora_dropout", 0.0)),
+            target_modules=list(targets),
+            use_rslora=bool(raw.get("use_rslora", False)),
+            base_model_name_or_path=raw.get("base_model_name_or_path"),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise QloraKitError(f"{config_file} lacks a valid {e} entry") from None
+
+
+def load_adapter(model: nn.Module, directory: str | Path, dtype=None) -> AdapterConfig:
+    """Add LoRA layers as the adapter's config says and load its weights into them."""
+    directory = Path(directory)
+    config = read_adapter_config(directory)
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        hint = (
+            " (adapter_model.bin is the old pickle format: re-save it with safetensors)"
+            if (directory / "adapter_model.bin").is_file()
+            else ""
+        )
+        raise QloraKitError(f"{directory} has {CONFIG_NAME} but no {WEIGHTS_NAME}{hint}")
+    try:
+        state = load_file(weights)
+    except (SafetensorError, OSError) as e:
+        raise QloraKitError(f"{weights} is damaged or not a safetensors file ({e})") from None
+    if dtype is None:
+        dtype = next(iter(state.values())).dtype
+    try:
+        add_lora(
+            model, config.target_modules, config.r, config.lora_alpha, config.lora_dropout, config.use_rslora, dtype
+        )
+    except QloraKitError as e:
+        raise QloraKitError(f"adapter {directory} does not fit this base model: {e}") from None
+    load_lora_state_dict(model, state, source=str(directory))
+    return config

@@ -1,0 +1,81 @@
+"""``qlora-kit train | plan | profile | export | generate``.
+
+Each subcommand lives with the code it runs; this file only dispatches and turns ``QloraKitError``
+into a one-paragraph message and exit status 2 (no traceback soup for bad input).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from qlora_kit.errors import QloraKitError
+
+USAGE = """usage: qlora-kit COMMAND [ARGS]
+
+commands:
+  train RECIPE [key=value ...]   fine-tune with a YAML recipe (see recipes/); --help lists every key
+  plan --model M [...]           plan GPU memory for a QLoRA run before starting it
+  profile RECIPE [--steps N]     measure memory by phase over a few real steps, next to the plan
+  export RUN_DIR --out DIR       merge the adapter into the dequantized weights (HF checkpoint)
+  generate --model M [...]       generate with a base model (+ adapter) or an exported dir
+"""
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    from qlora_kit.config import config_help, load_config, to_yaml
+
+    parser = argparse.ArgumentParser(
+        prog="qlora-kit train",
+        description="Fine-tune a causal LM with QLoRA from a YAML recipe; key=value arguments override it.",
+        epilog="recipe keys (section.field  (type, default)  meaning):\n\n" + config_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("recipe", help="YAML recipe, e.g. recipes/smollm2_alpaca.yaml")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lora.r=8 train.max_steps=10")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.recipe, args.overrides)
+    if args.print_config:
+        print(to_yaml(cfg))
+        return 0
+    from qlora_kit.train import train
+
+    result = train(cfg)
+    return 0 if result.status == "completed" else 130
+
+
+def _lazy(module: str, function: str):
+    def run(argv: list[str]) -> int:
+        return getattr(__import__(f"qlora_kit.{module}", fromlist=[function]), function)(argv)
+
+    return run
+
+
+COMMANDS = {
+    "train": train_main,
+    "plan": _lazy("memory", "plan_main"),
+    "profile": _lazy("memory", "profile_main"),
+    "export": _lazy("export", "export_main"),
+    "generate": _lazy("generate", "generate_main"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"qlora-kit: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[command](rest) or 0
+    except QloraKitError as e:
+        print(f"qlora-kit {command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,416 @@
+"""The training loop: ``setup -> fit -> save``, in one file you can step through.
+
+    setup   load the 4-bit model, add LoRA, tokenize the data, build optimizer + schedule, maybe resume
+    fit     micro-batches -> token-weighted loss -> backward; every `gradient_accumulation_steps`:
+            clip, optimizer step, schedule step; eval, metrics, checkpoints on their cadence
+    save    final adapter (PEFT layout) in OUTPUT_DIR/adapter, a last checkpoint, before/after samples
+
+Nothing else in the package holds training logic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from qlora_kit.adapter import save_adapter
+from qlora_kit.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
+from qlora_kit.config import RunConfig, to_dict, to_yaml
+from qlora_kit.data import IGNORE_INDEX, BatchPlan, PreparedData, alpaca_prompt, eval_batches, prepare_data
+from qlora_kit.errors import QloraKitError
+from qlora_kit.loading import load_model, load_tokenizer, resolve_device, resolve_dtype
+from qlora_kit.lora import add_lora
+
+LOSS_CHUNK_TOKENS = 1024  # logits are materialized for this many tokens at a time (see causal_lm_loss)
+
+
+# --- loss ----------------------------------------------------------------------------------------------
+
+
+def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross entropy over the positions that carry a label, and their count.
+
+    Only labelled positions reach ``lm_head`` (masked prompt tokens need no logits), and those go in
+    chunks whose fp32 logits are recomputed in backward instead of saved: the full ``tokens x vocab``
+    fp32 logits tensor, the largest single activation of a small model, never exists.
+    """
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    hidden = model.model(**inputs, use_cache=False).last_hidden_state
+    labels = batch["labels"][:, 1:]
+    keep = labels != IGNORE_INDEX
+    hidden = hidden[:, :-1][keep]
+    targets = labels[keep]
+    head = model.get_output_embeddings()
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, targets.numel(), LOSS_CHUNK_TOKENS):
+        chunk = slice(start, start + LOSS_CHUNK_TOKENS)
+        total = total + torch.utils.checkpoint.checkpoint(
+            _chunk_loss, hidden[chunk], targets[chunk], head.weight, use_reentrant=False
+        )
+    return total, int(targets.numel())
+
+
+def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, head_weight: torch.Tensor) -> torch.Tensor:
+    logits = F.linear(hidden, head_weight).float()  # the loss in fp32, whatever the compute dtype
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: PreparedData, batch_size: int) -> float:
+    """Mean loss per labelled token over the validation set."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    device = model.get_input_embeddings().weight.device
+    for batch in eval_batches(data.val, batch_size, data.pad_token_id):
+        loss, n = causal_lm_loss(model, {k: v.to(device) for k, v in batch.items()})
+        total, count = total + loss.item(), count + n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+# --- optimizer and schedule ----------------------------------------------------------------------------
+
+
+def make_optimizer(name: str, params: list[nn.Parameter], cfg, device: torch.device) -> torch.optim.Optimizer:
+    if name == "auto":
+        name = "paged_adamw_32bit" if device.type == "cuda" else "adamw"
+    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, **kwargs)
+    import bitsandbytes as bnb
+
+    if name.startswith("paged") and device.type != "cuda":
+        raise QloraKitError(
+            f"train.optimizer={name} pages optimizer state between GPU and CPU memory and needs a CUDA GPU; "
+            "on CPU use train.optimizer=adamw (or adamw_8bit)"
+        )
+    classes = {
+        "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
+        "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+        "adamw_8bit": bnb.optim.AdamW8bit,
+    }
+    return classes[name](params, **kwargs)
+
+
+def lr_lambda(kind: str, warmup: int, total: int):
+    """Multiplier of the peak lr at a step: linear warmup, then constant / cosine / linear decay to 0."""
+
+    def multiplier(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(total - warmup, 1)
+        if kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        if kind == "linear":
+            return max(0.0, 1 - progress)
+        return 1.0
+
+    return multiplier
+
+
+# --- the run -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    status: str  # "completed" | "interrupted"
+    eval_loss_start: float | None = None
+    eval_loss_end: float | None = None
+    train_losses: list[float] = field(default_factory=list)
+    tokens_per_s: float = 0.0
+    wall_s: float = 0.0
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM ask for a checkpoint at the end of the current step; a second SIGINT stops at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread: no signal handling
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping")
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS (Linux reports KiB)
+
+
+def train(cfg: RunConfig) -> TrainResult:
+    started = time.perf_counter()
+    out = Path(cfg.output.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tc = cfg.train
+
+    # setup ------------------------------------------------------------------------------------------
+    device = resolve_device(cfg.model.device)
+    dtype = resolve_dtype(cfg.model.compute_dtype, device)
+    adapter_dtype = dtype if cfg.lora.adapter_dtype == "auto" else resolve_dtype(cfg.lora.adapter_dtype, device)
+    random.seed(tc.seed)
+    torch.manual_seed(tc.seed)
+    resume_from = find_resume_checkpoint(tc.resume, out)
+
+    tokenizer = load_tokenizer(cfg.model.name_or_path)
+    data = prepare_data(cfg.data, tokenizer)
+    model = load_model(cfg.model.name_or_path, device=device, dtype=dtype)
+    base_name = cfg.model.name_or_path
+    report = add_lora(
+        model, cfg.lora.targets, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.use_rslora, adapter_dtype
+    )
+    print(report)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    plan = BatchPlan(
+        data.train,
+        tc.micro_batch_size,
+        pad_token_id=data.pad_token_id,
+        seed=tc.seed,
+        group_by_length=cfg.data.group_by_length,
+        packing=cfg.data.packing,
+        cutoff_len=cfg.data.cutoff_len,
+    )
+    accum = tc.gradient_accumulation_steps
+    total_steps = tc.max_steps if tc.max_steps > 0 else max(1, math.ceil(tc.num_epochs * len(plan) / accum))
+    warmup = tc.warmup_steps or math.ceil(tc.warmup_ratio * total_steps)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(tc.optimizer, params, tc, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc.lr_scheduler, warmup, total_steps))
+
+    step = 0
+    result = TrainResult(out, 0, "completed")
+    metrics_file = out / "metrics.jsonl"
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        plan.load_state_dict(state["data"])
+        step = state["step"]
+        result.eval_loss_start = state.get("eval_loss_start")
+        _truncate_metrics(metrics_file, step)
+        print(f"resumed from {resume_from} at step {step}/{total_steps}")
+    else:
+        metrics_file.unlink(missing_ok=True)
+    (out / "config.yaml").write_text(to_yaml(cfg))
+    writer = _tensorboard(out) if cfg.output.tensorboard else None
+
+    def log(record: dict[str, Any]) -> None:
+        with open(metrics_file, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    writer.add_scalar(key, value, record["step"])
+
+    def checkpoint() -> Path:
+        training_state = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "data": plan.state_dict(),
+            "eval_loss_start": result.eval_loss_start,
+            "config": to_dict(cfg),
+        }
+        return save_checkpoint(out, step, model, training_state, base_name, tc.save_total_limit)
+
+    samples = _sample_prompts(cfg, data, tokenizer)
+    if step == 0:
+        if samples:
+            _write_samples(out / "samples_before.json", "before training", model, tokenizer, samples, cfg)
+        if data.val:
+            result.eval_loss_start = evaluate(model, data, tc.micro_batch_size)
+            log({"step": 0, "eval_loss": result.eval_loss_start})
+            print(f"eval loss at step 0: {result.eval_loss_start:.4f}")
+
+    # fit --------------------------------------------------------------------------------------------
+    model.train()
+    tokens_seen, fit_started = 0, time.perf_counter()
+    bar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True)
+    with _StopFlag() as stop:
+        while step < total_steps:
+            micro_batches = [{k: v.to(device) for k, v in plan.next_batch().items()} for _ in range(accum)]
+            # Token-weighted: every labelled token of the step counts the same, however it was batched.
+            n_labels = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
+            step_loss = 0.0
+            for batch in micro_batches:
+                loss_sum, _ = causal_lm_loss(model, batch)
+                (loss_sum / max(n_labels, 1)).backward()
+                step_loss += loss_sum.item()
+                tokens_seen += int(batch["input_ids"].numel())
+            step_loss /= max(n_labels, 1)
+            if not math.isfinite(step_loss):
+                raise QloraKitError(
+                    f"the training loss became {step_loss} at step {step + 1}; stopped without saving that step "
+                    f"(the last checkpoint is intact). Lower train.learning_rate, keep train.max_grad_norm > 0, "
+                    "or use model.compute_dtype=fp32/bf16 instead of fp16; then resume with train.resume=auto"
+                )
+            grad_norm = (
+                torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm).item() if tc.max_grad_norm > 0 else None
+            )
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            result.train_losses.append(step_loss)
+
+            elapsed = time.perf_counter() - fit_started
+            record = {
+                "step": step,
+                "loss": round(step_loss, 6),
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm,
+                "epoch": round(plan.epochs_done, 4),
+                "tokens_per_s": round(tokens_seen / elapsed, 1),
+                "mem_gb": round(memory_gb(device), 3),
+            }
+            if step % tc.logging_steps == 0 or step == total_steps:
+                log(record)
+            bar.set_postfix(
+                loss=f"{step_loss:.4f}",
+                lr=f"{record['lr']:.2e}",
+                tok_s=f"{record['tokens_per_s']:.0f}",
+                mem=f"{record['mem_gb']:.2f}GB",
+            )
+            bar.update(1)
+            if tc.eval_steps and step % tc.eval_steps == 0 and step < total_steps and data.val:
+                log({"step": step, "eval_loss": evaluate(model, data, tc.micro_batch_size)})
+            if stop.requested:
+                bar.close()
+                path = checkpoint()
+                print(f"stopped at step {step}; checkpoint {path}. Resume with: train.resume=auto")
+                result.steps, result.status = step, "interrupted"
+                return result
+            if tc.save_steps and step % tc.save_steps == 0 and step < total_steps:
+                checkpoint()
+    bar.close()
+    result.tokens_per_s = tokens_seen / max(time.perf_counter() - fit_started, 1e-9)
+
+    # save -------------------------------------------------------------------------------------------
+    if data.val:
+        result.eval_loss_end = evaluate(model, data, tc.micro_batch_size)
+        log({"step": step, "eval_loss": result.eval_loss_end})
+    checkpoint()
+    adapter_dir = save_adapter(model, out / "adapter", base_name)
+    if samples:
+        _write_samples(out / "samples_after.json", "after training", model, tokenizer, samples, cfg)
+    result.steps = step
+    result.wall_s = time.perf_counter() - started
+    summary = {
+        "steps": step,
+        "eval_loss_start": result.eval_loss_start,
+        "eval_loss_end": result.eval_loss_end,
+        "tokens_per_s": round(result.tokens_per_s, 1),
+        "wall_s": round(result.wall_s, 1),
+        "trainable_params": report.trainable_params,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if result.eval_loss_start is not None and result.eval_loss_end is not None:
+        drop = 100 * (1 - result.eval_loss_end / result.eval_loss_start)
+        print(f"eval loss {result.eval_loss_start:.4f} -> {result.eval_loss_end:.4f} ({drop:.1f}% lower)")
+    print(
+        f"done in {result.wall_s:.0f}s ({result.tokens_per_s:.0f} tokens/s).\n"
+        f"  adapter:     {adapter_dir}\n  checkpoints: {out / 'checkpoints'}\n"
+        f"  metrics:     {metrics_file}\n  config:      {out / 'config.yaml'}\n"
+        f"  export:      qlora-kit export {out} --out {out}-merged"
+    )
+    return result
+
+
+def _truncate_metrics(metrics_file: Path, step: int) -> None:
+    """Drop records after the checkpoint's step: the resumed run writes them again."""
+    if metrics_file.is_file():
+        lines = metrics_file.read_text().splitlines()
+        kept = [line for line in lines if json.loads(line)["step"] <= step]
+        metrics_file.write_text("".join(line + "\n" for line in kept))
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise QloraKitError("output.tensorboard=true needs TensorBoard: pip install 'qlora-kit[tensorboard]'") from None
+    return SummaryWriter(out / "tensorboard")
+
+
+# --- before/after samples ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Sample:
+    prompt_ids: list[int]
+    reference: str | None
+
+
+def _sample_prompts(cfg: RunConfig, data: PreparedData, tokenizer, n_from_val: int = 3) -> list[_Sample]:
+    """The configured prompts (templated), else the first held-out examples (their prompt tokens)."""
+    samples = []
+    for prompt in cfg.output.sample_prompts:
+        if cfg.data.format == "chat":
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        else:
+            ids = tokenizer(alpaca_prompt(prompt)).input_ids
+        samples.append(_Sample(list(ids), None))
+    if not samples and data.val:
+        for example in data.val[:n_from_val]:
+            labels = example["labels"]
+            first = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+            reference = tokenizer.decode([t for t in labels if t != IGNORE_INDEX], skip_special_tokens=True)
+            samples.append(_Sample(example["input_ids"][:first], reference))
+    return samples
+
+
+@torch.no_grad()
+def _write_samples(path: Path, title: str, model, tokenizer, samples: list[_Sample], cfg: RunConfig) -> None:
+    was_training = model.training
+    model.eval()
+    device = model.get_input_embeddings().weight.device
+    records = []
+    print(f"--- samples {title} ---")
+    for sample in samples:
+        ids = torch.tensor([sample.prompt_ids], device=device)
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=cfg.output.sample_max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        answer = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+        prompt = tokenizer.decode(sample.prompt_ids, skip_special_tokens=True)
+        records.append({"prompt": prompt, "generated": answer, "reference": sample.reference})
+        shown = prompt.split("### Instruction:")[-1].replace("### Response:", "").strip()
+        print(f"> {' | '.join(line for line in shown.splitlines() if line.strip())}")
+        print(f"  {answer!r}" + (f"   (reference: {sample.reference!r})" if sample.reference else ""))
+    path.write_text(json.dumps(records, indent=2) + "\n")
+    model.train(was_training)

@@ -1,0 +1,293 @@
+"""The analytic memory planner: exact 4-bit bytes, the activation model, verdicts, suggestions, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import bitsandbytes.functional as bnbf
+import pytest
+import torch
+
+from qlora_kit.errors import QloraKitError
+from qlora_kit.memory import (
+    MB,
+    PRESETS,
+    GiB,
+    MemoryPlan,
+    lora_param_count,
+    max_fitting,
+    model_shape,
+    nf4_bytes,
+    paper_comparison,
+    parse_size,
+    plan_main,
+    plan_memory,
+)
+
+LLAMA_7B, LLAMA_65B = PRESETS["llama-7b"], PRESETS["llama-65b"]
+
+
+def _row(plan: MemoryPlan, item: str) -> int:
+    return next(r.bytes for r in plan.rows if r.item == item)
+
+
+def _nf4_total(plan: MemoryPlan) -> int:
+    return sum(_row(plan, item) for item in ("NF4 codes", "NF4 absmax", "NF4 nested stats"))
+
+
+# --- exact 4-bit bytes ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(576, 1536), (100, 37), (64, 64), (3, 5), (1536, 576)])
+def test_nf4_bytes_match_bitsandbytes_tensors(shape):
+    torch.manual_seed(0)
+    packed, state = bnbf.quantize_4bit(torch.randn(shape), blocksize=64, compress_statistics=True, quant_type="nf4")
+
+    def nbytes(t: torch.Tensor) -> int:
+        return t.numel() * t.element_size()
+
+    planned = nf4_bytes(*shape, bnb_tables=True)
+    assert planned.codes == nbytes(packed)
+    assert planned.absmax == nbytes(state.absmax)
+    tables = nbytes(state.state2.code) + nbytes(state.code)  # per-tensor copies a QuantState carries
+    assert planned.nested == nbytes(state.state2.absmax) + nbytes(state.offset) + tables
+    # NF4Linear shares those tables, so the plan counts only scales + offset.
+    assert nf4_bytes(*shape).nested == nbytes(state.state2.absmax) + nbytes(state.offset)
+
+
+def test_bits_per_parameter_of_a_large_layer():
+    n = 4096 * 11008
+    bits = 8 * nf4_bytes(4096, 11008).total / n
+    assert bits == pytest.approx(4 + 8 / 64 + 32 / (64 * 256), abs=1e-4)
+    assert round(bits, 3) == 4.127
+
+
+def _loaded_tiny_model(tmp_path, family: str, dropout: float = 0.0, **overrides):
+    """A random 2-layer checkpoint written by transformers, loaded by our loader, with LoRA r=8 everywhere."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    from qlora_kit.loading import load_model
+    from qlora_kit.lora import add_lora
+
+    sizes = dict(vocab_size=320, hidden_size=128, intermediate_size=192, num_hidden_layers=2)
+    heads = dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    config = {"llama": LlamaConfig, "qwen2": Qwen2Config}[family](**sizes, **(heads | overrides))
+    torch.manual_seed(0)
+    model_dir = tmp_path / family
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(model_dir)
+    model = load_model(model_dir, device="cpu", dtype="fp32")
+    add_lora(model, "all-linear", r=8, dropout=dropout, dtype=torch.float32)
+    return model_dir, model
+
+
+@pytest.mark.parametrize(
+    ("family", "overrides"), [("llama", {}), ("llama", {"tie_word_embeddings": True}), ("qwen2", {})]
+)
+def test_planned_weights_equal_a_loaded_model_byte_for_byte(tmp_path, family, overrides):
+    from qlora_kit.quant import quantized_bytes
+
+    model_dir, model = _loaded_tiny_model(tmp_path, family, **overrides)
+    shape = model_shape(str(model_dir))
+    assert shape.tied == bool(overrides) and shape.qkv_bias == (family == "qwen2")
+    plan = plan_memory(shape, rank=8, targets="all-linear", device="cpu")
+    real = quantized_bytes(model)
+    assert _row(plan, "NF4 codes") == real.codes
+    assert _row(plan, "NF4 absmax") == real.absmax
+    assert _row(plan, "NF4 nested stats") == real.nested_stats
+    assert _row(plan, "non-quantized weights") == real.non_quantized
+    assert _row(plan, "LoRA parameters") == real.lora
+
+
+# --- the activation model, against the tensors autograd really keeps ----------------------------------------
+
+
+def _saved_bytes(model, tokens: torch.Tensor) -> int:
+    """Bytes of every distinct storage the autograd graph of the loss keeps, parameters excluded."""
+    output = model(input_ids=tokens, labels=tokens)
+    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    kept: dict[int, int] = {}
+    stack, seen = [output.loss.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for attr in dir(node):
+            if attr.startswith("_saved_"):
+                value = getattr(node, attr, None)
+                if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() not in weights:
+                    kept[value.untyped_storage().data_ptr()] = value.untyped_storage().nbytes()
+        stack += [fn for fn, _ in node.next_functions]
+    # The logits are held by the output object, not by the graph.
+    return sum(kept.values()) + output.logits.untyped_storage().nbytes()
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_activation_model_matches_saved_tensors_on_cpu(tmp_path, dropout):
+    _, model = _loaded_tiny_model(tmp_path, "llama", dropout=dropout)
+    model.train()
+    batch, seq = 2, 64
+    measured = _saved_bytes(model, torch.randint(3, 300, (batch, seq)))
+    shape = model_shape_from_model(model)
+    knobs = dict(seq_len=seq, batch_size=batch, rank=8, checkpointing=False, lora_dropout=dropout)
+    plan = plan_memory(shape, **knobs, device="cpu")
+    planned = _row(plan, "saved activations") + _row(plan, "logits + loss")
+    # Layer 0's input comes from the frozen embedding and needs no grad, so its first norm keeps nothing
+    # (fp32 input, rsqrt) and its q/k/v dropouts keep no mask (fp32 on CPU): the plan is exactly that much
+    # conservative, up to a few scalars.
+    layer0 = 4 * (shape.hidden + 1) + (3 * 4 * shape.hidden if dropout else 0)
+    assert planned - measured == pytest.approx(batch * seq * layer0, abs=256)
+
+
+def model_shape_from_model(model):
+    from qlora_kit.memory import shape_from_config
+
+    return shape_from_config(model.config, "tiny")
+
+
+def test_checkpointing_reduces_activations():
+    kw = dict(seq_len=2048, batch_size=4)
+    on, off = plan_memory(LLAMA_7B, checkpointing=True, **kw), plan_memory(LLAMA_7B, checkpointing=False, **kw)
+    assert _row(on, "checkpointed layer inputs") == 32 * 2048 * 4 * 4096 * 2
+    assert _row(on, "checkpointed layer inputs") < _row(off, "saved activations") / 10
+    assert on.total < off.total
+
+
+# --- figures for known models ------------------------------------------------------------------------------
+
+
+def test_llama_7b_weights_by_hand_and_against_the_paper():
+    assert LLAMA_7B.params == 6_738_415_616  # LLaMA-7B's published parameter count
+    assert LLAMA_7B.quantized_params == 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
+    plan = plan_memory(LLAMA_7B)
+    nf4 = _nf4_total(plan)
+    assert nf4 / MB == pytest.approx(LLAMA_7B.quantized_params * 4.127 / 8 / MB, rel=1e-3)  # 3,341 MB
+    assert _row(plan, "non-quantized weights") == 2 * (2 * 32000 * 4096 + 65 * 4096) + 4 * 128
+    # The paper's 5,048 MB is not reproduced by weights alone (neither as MB nor MiB); docs/memory.md and
+    # the comparison row say why. What is pinned here is that the row reports our exact number.
+    row = paper_comparison()[0]
+    assert row["paper_mb"] == 5048 and row["ours_mb"] == round((nf4 + _row(plan, "non-quantized weights")) / MB)
+    assert "fp32" in row["why"] and "CUDA context" in row["why"]
+
+
+def test_lora_param_counts_by_hand():
+    # the numbers peft prints for LLaMA-7B: r=8 on q,v and r=64 on every linear (the QLoRA setting)
+    assert lora_param_count(LLAMA_7B, 8, ["q_proj", "v_proj"]) == 4_194_304
+    assert lora_param_count(LLAMA_7B, 64, "all-linear") == 159_907_840
+    assert lora_param_count(LLAMA_7B, 64, "attention") == 32 * 4 * 64 * (4096 + 4096)
+    # the paper's "26 MB at 0.2% of the weights": q,k,v,o at r=13 in bf16
+    assert 2 * lora_param_count(LLAMA_7B, 13, "attention") / 2**20 == pytest.approx(26, abs=0.1)
+    gqa = PRESETS["mistral-7b"]  # k/v are 1024 wide
+    assert lora_param_count(gqa, 1, ["k_proj"]) == 32 * (4096 + 1024)
+
+
+def test_paper_comparison_rows():
+    rows = paper_comparison()
+    assert [r["paper_mb"] for r in rows] == [5048, 26, 567, 18]
+    assert all(r["why"] and r["ours_mb"] > 0 for r in rows)
+    assert rows[1]["ours_mb"] == 27
+    assert abs(rows[2]["ours_mb"] / 32 - rows[3]["ours_mb"]) < 1  # with checkpointing: one layer's share
+
+
+def test_65b_verdicts_at_24_and_48_gib():
+    small = plan_memory(LLAMA_65B, gpu_bytes=24 * GiB)
+    large = plan_memory(LLAMA_65B, gpu_bytes=48 * GiB)
+    assert small.fits is False and large.fits is True
+    assert _nf4_total(large) / MB == pytest.approx(LLAMA_65B.quantized_params * 4.127 / 8 / MB, rel=1e-3)
+    assert "does NOT fit in 24 GiB" in small.verdict() and "fits in 48 GiB" in large.verdict()
+    # nothing but a bigger GPU makes 65B fit in 24 GiB: the 4-bit weights alone are ~33 GB
+    assert [s.change for s in small.suggestions if s.fits] == ["a 48 GiB GPU"]
+    assert large.suggestions == []
+
+
+def test_suggestions_are_real_replans_and_lead_to_fitting():
+    plan = plan_memory(LLAMA_7B, seq_len=1024, batch_size=8, checkpointing=False, gpu_bytes=16 * GiB)
+    assert plan.fits is False
+    by_change = {s.change: s for s in plan.suggestions}
+    assert by_change["turn on gradient checkpointing"].fits
+    for s in plan.suggestions:
+        replanned = plan_memory(LLAMA_7B, **{**plan.settings, "gpu_bytes": plan.gpu_bytes, **s.knob})
+        assert replanned.total == s.total and plan.total - s.total == s.saves
+        assert replanned.fits == s.fits
+    batch = next(s for s in plan.suggestions if s.change.startswith("batch"))
+    assert batch.knob["batch_size"] < 8
+
+
+def test_paged_optimizer_is_pageable_and_8bit_is_smaller():
+    paged = plan_memory(LLAMA_65B, optimizer="paged_adamw_32bit")
+    eight = plan_memory(LLAMA_65B, optimizer="paged_adamw_8bit")
+    plain = plan_memory(LLAMA_65B, optimizer="adamw")  # torch AdamW: states in the bf16 adapter dtype
+    n = lora_param_count(LLAMA_65B, 64, "all-linear")
+    assert paged.pageable_bytes == _row(paged, "paged_adamw_32bit states") == 8 * n
+    assert _row(eight, "paged_adamw_8bit states") == pytest.approx(2 * n, rel=0.05)
+    assert plain.pageable_bytes == 0 and _row(plain, "adamw states") == 4 * n
+
+
+def test_max_fitting_is_monotone_and_exact():
+    budgets = [12 * GiB, 24 * GiB, 48 * GiB, 80 * GiB]
+    for vary, key in (("batch", "batch_size"), ("seq", "seq_len")):
+        best = [max_fitting(LLAMA_7B, g, vary=vary) for g in budgets]
+        assert best == sorted(best) and best[0] >= 1
+        plan = plan_memory(LLAMA_7B, **{key: best[1]}, gpu_bytes=24 * GiB)
+        assert plan.fits and not plan_memory(LLAMA_7B, **{key: best[1] + 1}, gpu_bytes=24 * GiB).fits
+    assert max_fitting(LLAMA_65B, 24 * GiB) == 0
+
+
+def test_json_round_trip():
+    plan = plan_memory(PRESETS["qwen2.5-7b"], batch_size=4, checkpointing=False, gpu_bytes=24 * GiB)
+    text = plan.to_json()
+    again = MemoryPlan.from_json(text)
+    assert again == plan and again.total == plan.total and again.fits == plan.fits
+    data = json.loads(text)
+    assert data["total"] == plan.total and data["model"]["qkv_bias"] is True
+    assert "| category | item | MB |" in plan.to_markdown()
+
+
+def test_cpu_plan_uses_fp32_and_torch_adamw():
+    plan = plan_memory(LLAMA_7B, device="cpu")
+    assert plan.settings["compute_dtype"] == "fp32" and plan.settings["optimizer"] == "adamw"
+    assert _row(plan, "non-quantized weights") == 2 * _row(plan_memory(LLAMA_7B), "non-quantized weights") - 4 * 128
+    assert not any(r.item == "CUDA context" for r in plan.rows)
+
+
+# --- inputs and the CLI --------------------------------------------------------------------------------------
+
+
+def test_model_shape_presets_and_errors():
+    assert model_shape("LLaMA-65B") is LLAMA_65B
+    assert model_shape("mistral-7b").kv_heads == 8
+    with pytest.raises(QloraKitError, match="llama-65b"):
+        model_shape("llama-999b")
+    with pytest.raises(QloraKitError, match="targets"):
+        plan_memory(LLAMA_7B, targets=["lm_head"])
+    with pytest.raises(QloraKitError, match="optimizer"):
+        plan_memory(LLAMA_7B, optimizer="sgd")
+
+
+def test_parse_size():
+    assert parse_size("24GB") == parse_size("24GiB") == parse_size("24g") == 24 * 2**30
+    assert parse_size("80000000000") == 80 * 10**9
+    with pytest.raises(QloraKitError, match="--gpu"):
+        parse_size("lots")
+
+
+def test_plan_main_prints_table_verdict_and_suggestions(capsys):
+    assert plan_main(["--model", "llama-65b", "--gpu", "24GB"]) == 0
+    out = capsys.readouterr().out
+    assert "NF4 codes" in out and "total" in out and "does NOT fit in 24 GiB" in out and "48 GiB GPU" in out
+    assert plan_main(["--model", "llama-7b", "--gpu", "24GB", "--max", "batch", "--json"]) == 0
+    best = json.loads(capsys.readouterr().out)["batch"]
+    assert best == max_fitting(LLAMA_7B, 24 * GiB, vary="batch")
+    assert plan_main(["--model", "llama-7b", "--json", "--checkpointing", "off"]) == 0
+    assert json.loads(capsys.readouterr().out)["settings"]["checkpointing"] is False
+    assert plan_main(["--list-presets"]) == 0
+    assert "qwen2.5-72b" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_model_shape_of_the_real_smollm2(smollm2_dir):
+    shape = model_shape(str(smollm2_dir))
+    assert (shape.hidden, shape.layers, shape.heads, shape.kv_heads, shape.ffn) == (576, 30, 9, 3, 1536)
+    assert shape.tied and shape.vocab == 49152 and shape.head_dim == 64
+    assert math.isclose(shape.params, 134_515_008)
