@@ -52,6 +52,8 @@ def machine_info() -> dict[str, Any]:
         "nproc": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "ram_gb": round(_ram_bytes() / 1024**3, 1),
+        # Other work on the machine skews timings (not memory figures): say how busy it was when measured.
+        "load_avg_1m": round(os.getloadavg()[0], 2),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "bitsandbytes": _version("bitsandbytes"),
@@ -71,9 +73,25 @@ def machine_markdown(info: dict[str, Any]) -> str:
     gpu = f"{info['gpu']} ({info['gpu_memory_gb']} GB), CUDA {info['cuda_version']}" if info.get("cuda") else "none"
     return (
         f"Machine: {info['cpu']}, {info['nproc']} CPUs (torch threads {info['torch_threads']}), "
-        f"{info['ram_gb']} GB RAM, GPU: {gpu}; {info['platform']}.  \n"
+        f"{info['ram_gb']} GB RAM, GPU: {gpu}; {info['platform']}; load average {info.get('load_avg_1m')}.  \n"
         f"Python {info['python']}, torch {info['torch']}, bitsandbytes {info['bitsandbytes']}, "
         f"transformers {info['transformers']}, peft {info['peft']}. Measured {info['date']}."
+    )
+
+
+def busy_machine_note(load_avg_at_start: float) -> str:
+    """A warning for the report when other work was running as the bench started ("" on a quiet machine).
+
+    Take ``os.getloadavg()[0]`` before the bench starts its own work, which would count too. Memory figures
+    hold on a busy machine; timings do not: CPU kernels parallelized with OpenMP then wait for scheduler time
+    slices (several ms each), so absolute times can be many times the quiet machine's.
+    """
+    cpus = os.cpu_count() or 1
+    if load_avg_at_start < 0.5 * cpus:
+        return ""
+    return (
+        f"**Busy machine:** load average {load_avg_at_start:.1f} on {cpus} CPUs when this run started (other "
+        "processes running): absolute timings are pessimistic; compare contenders measured in the same run only."
     )
 
 

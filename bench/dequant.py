@@ -13,12 +13,14 @@ Matmul (GFLOP/s, 2*tokens*in*out per call, no grad):
 
 Device and dtype are chosen like training would: CUDA + bf16 when a GPU is visible, else CPU + fp32.
 Each figure is the median of ``--reps`` timed calls after warmup (fewer for slow cases on CPU, so the whole
-run stays within ~3 minutes on a 2-core CPU). Ratio ours/bnb = our throughput / bnb's: 1.00 is parity.
+run stays within ~3 minutes on a 2-core CPU); contenders are called in turn, round by round, so that other
+work on the machine weighs on them alike. Ratio ours/bnb = our throughput / bnb's: 1.00 is parity.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -27,7 +29,7 @@ from typing import Any
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbf
 import torch
-from _common import markdown_table, save_results
+from _common import busy_machine_note, markdown_table, save_results
 
 from qlora_kit.quant import NF4Linear, dequantize_nf4_reference
 
@@ -35,25 +37,35 @@ SHAPES = [(4096, 4096), (11008, 4096), (576, 1536)]  # (out_features, in_feature
 TOKENS = [1, 512]
 
 
-def timed_median(fn: Callable[[], Any], device: torch.device, reps: int, budget_s: float) -> tuple[float, int]:
-    """Median seconds per call over up to ``reps`` calls (at least 3) or until ``budget_s`` is spent."""
+def time_round_robin(
+    fns: dict[str, Callable[[], Any]], device: torch.device, reps: int, budget_s: float
+) -> dict[str, tuple[float, int]]:
+    """Median seconds per call of each function, calling them in turn so all see the same machine load.
+
+    Up to ``reps`` rounds (at least 3), stopping early once ``budget_s`` is spent. Interleaving matters on a
+    shared machine: a burst of other work then slows every contender of a round alike, not just one of them.
+    """
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    for _ in range(2):  # warmup: first-call dispatch, allocator growth, kernel selection
+    for fn in fns.values():  # warmup: first-call dispatch, allocator growth, kernel selection
+        fn()
         fn()
     sync()
-    times: list[float] = []
+    times: dict[str, list[float]] = {name: [] for name in fns}
     spent = 0.0
-    while len(times) < reps and (len(times) < 3 or spent < budget_s):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-        spent += times[-1]
-    return statistics.median(times), len(times)
+    rounds = 0
+    while rounds < reps and (rounds < 3 or spent < budget_s):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+            spent += times[name][-1]
+        rounds += 1
+    return {name: (statistics.median(t), len(t)) for name, t in times.items()}
 
 
 def bench_shape(
@@ -77,8 +89,7 @@ def bench_shape(
             "reference": lambda: dequantize_nf4_reference(layer, dtype),
             "bnb": lambda: bnbf.dequantize_4bit(codes, state),
         }
-        for name, fn in dequantizers.items():
-            seconds, n = timed_median(fn, device, reps, budget_s)
+        for name, (seconds, n) in time_round_robin(dequantizers, device, reps, budget_s).items():
             result["dequant"][name] = {"ms": seconds * 1e3, "gb_s": out_bytes / seconds / 1e9, "reps": n}
 
         for tokens in TOKENS:
@@ -91,15 +102,14 @@ def bench_shape(
                 "bnb": lambda x=x: bnb.matmul_4bit(x, codes.t(), quant_state=state),
                 "dense": lambda x=x: x @ dense.t(),
             }
-            timings = {}
-            for name, fn in matmuls.items():
-                seconds, n = timed_median(fn, device, reps, budget_s)
-                timings[name] = {"ms": seconds * 1e3, "gflop_s": flops / seconds / 1e9, "reps": n}
-            result["matmul"][str(tokens)] = timings
+            result["matmul"][str(tokens)] = {
+                name: {"ms": seconds * 1e3, "gflop_s": flops / seconds / 1e9, "reps": n}
+                for name, (seconds, n) in time_round_robin(matmuls, device, reps, budget_s).items()
+            }
     return result
 
 
-def report(results: list[dict[str, Any]], device: torch.device, dtype: torch.dtype) -> str:
+def report(results: list[dict[str, Any]], device: torch.device, dtype: torch.dtype, load_at_start: float) -> str:
     dtype_name = str(dtype).removeprefix("torch.")
     dequant_rows = []
     for r in results:
@@ -131,7 +141,10 @@ def report(results: list[dict[str, Any]], device: torch.device, dtype: torch.dty
         [
             f"# NF4 dequantization and 4-bit matmul throughput ({device.type}, {dtype_name})",
             "",
-            "Median of timed calls after warmup. Ratios are throughput ours / bnb (1.00 = parity, < 1 = slower).",
+            "Median of timed calls after warmup, contenders interleaved round by round. "
+            "Ratios are throughput ours / bnb (1.00 = parity, < 1 = slower).",
+            "",
+            busy_machine_note(load_at_start) if device.type == "cpu" else "",
             "",
             "## Dequantize: GB/s of dense output",
             "",
@@ -155,22 +168,24 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=20, help="timed calls per case (at most)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     args = parser.parse_args()
+    load_at_start = os.getloadavg()[0]  # before our own threads add to it
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if use_cuda else "cpu")
     dtype = torch.bfloat16 if use_cuda else torch.float32
-    budget_s = 30.0 if use_cuda else 1.5  # per case; the CPU budget keeps the whole run near 3 minutes
+    budget_s = 30.0 if use_cuda else 4.0  # per group of contenders; keeps a 2-core CPU run near 3 minutes
 
     start = time.perf_counter()
     results = []
     for out_features, in_features in SHAPES:
         print(f"{out_features}x{in_features} ...", flush=True)
         results.append(bench_shape(out_features, in_features, device, dtype, args.reps, budget_s))
-    markdown = report(results, device, dtype)
+    markdown = report(results, device, dtype, load_at_start)
     print("\n" + markdown + "\n")
     data = {
         "device": device.type,
         "dtype": str(dtype),
         "reps": args.reps,
+        "load_avg_1m_at_start": load_at_start,
         "wall_s": round(time.perf_counter() - start, 1),
         "results": results,
     }

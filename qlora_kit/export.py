@@ -20,6 +20,8 @@ Everything is written into a temp dir beside ``out`` and renamed into place at t
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import errno
 import json
 import math
@@ -106,6 +108,28 @@ def parse_size(size: str | int) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[unit])
 
 
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    The shard's tensors and each weight's fp32 temporaries interleave on glibc's heap; freed holes between
+    live blocks stay resident otherwise. Measured on a 0.54 GB export with 500 MB shards: peak RSS above
+    baseline 822 MiB without trimming, 568 MiB with it (the 477 MiB shard + about one tensor's working set).
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _load_libc()
+
+
 def _human(nbytes: int) -> str:
     return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
 
@@ -134,7 +158,7 @@ def find_adapter_dir(source: Path) -> Path:
     )
 
 
-def _read_lora_pairs(adapter_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _read_lora_pairs(adapter_dir: Path, r: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The adapter's (A, B) per module name; the adapter is small, so it is read whole."""
     weights = adapter_dir / WEIGHTS_NAME
     if not weights.is_file():
@@ -152,6 +176,12 @@ def _read_lora_pairs(adapter_dir: Path) -> dict[str, tuple[torch.Tensor, torch.T
     incomplete = sorted(name for name, pair in pairs.items() if len(pair) != 2)
     if incomplete or not pairs:
         raise QloraKitError(f"{weights}: no complete LoRA A/B pair (e.g. {incomplete[:1] or 'no tensors'})")
+    for name, pair in pairs.items():  # the scaling comes from the config's r: it must be the weights' rank
+        if pair["A"].dim() != 2 or pair["A"].shape[0] != r:
+            raise QloraKitError(
+                f"{weights}: {name}.lora_A has shape {tuple(pair['A'].shape)} but {CONFIG_NAME} says r={r}; "
+                "the adapter files do not belong together"
+            )
     return {name: (pair["A"], pair["B"]) for name, pair in pairs.items()}
 
 
@@ -376,7 +406,7 @@ def export_merged(
         raise QloraKitError(f"--out {out} is an existing file; choose a directory path for the export")
     adapter_dir = find_adapter_dir(source)
     adapter_config = read_adapter_config(adapter_dir)
-    lora = _read_lora_pairs(adapter_dir)
+    lora = _read_lora_pairs(adapter_dir, adapter_config.r)
     base_dir = _base_model_dir(adapter_dir, adapter_config, base_model)
     _check_out(out, force, {"base model": base_dir, "adapter": adapter_dir})
     units, config = _plan(base_dir, lora, adapter_dir, out_dtype, quantize)
@@ -406,11 +436,13 @@ def export_merged(
             tensors: dict[str, torch.Tensor] = {}
             for unit in shard:
                 tensors.update(_render(unit, scaling, out_dtype, merge_into, quantize, compute_device))
+                _release_freed_memory()  # this tensor's temporaries
             save_shard(tensors, str(current), {"format": "pt"})
             shard_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
             total_size += shard_bytes
             weight_map.update(dict.fromkeys(tensors, filename))
             del tensors  # the shard is on disk; only the next one is ever held
+            _release_freed_memory()
             print(f"wrote {filename} ({_human(shard_bytes)}, {len(shard)} checkpoint tensors)")
         if len(shards) > 1:
             index_json = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}

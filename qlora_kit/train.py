@@ -377,7 +377,10 @@ def _sample_prompts(cfg: RunConfig, data: PreparedData, tokenizer, n_from_val: i
     samples = []
     for prompt in cfg.output.sample_prompts:
         if cfg.data.format == "chat":
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+            )
+            ids = tokenizer(text, add_special_tokens=False).input_ids
         else:
             ids = tokenizer(alpaca_prompt(prompt)).input_ids
         samples.append(_Sample(list(ids), None))
