@@ -255,7 +255,8 @@ def report(rows: list[dict[str, Any]], shard_size: str) -> str:
                 mib(r["baseline_rss"]),
                 mib(r["peak_rss"]),
                 f"**{mib(r['peak_rss'] - r['baseline_rss'])}**",
-                f"{mib(r['peak_anon_sampled'] - r['baseline_anon'])} / {mib(r['peak_file_sampled'] - r['baseline_file'])}",
+                f"{mib(r['peak_anon_sampled'] - r['baseline_anon'])} / "
+                f"{mib(r['peak_file_sampled'] - r['baseline_file'])}",
                 f"{r['output_files']} x, {r['output_bytes'] / 1e9:.2f} GB",
                 r["seconds"],
             ]
@@ -266,7 +267,7 @@ def report(rows: list[dict[str, Any]], shard_size: str) -> str:
     by_size: dict[str, dict[str, dict[str, Any]]] = {}
     for r in rows:
         by_size.setdefault(r["size"], {})[r["route"]] = r
-    for size, pair in by_size.items():
+    for _size, pair in by_size.items():
         ours, usual = pair.get("ours", {}), pair.get("usual", {})
         if "peak_rss" in ours and "peak_rss" in usual:
             above_ours = ours["peak_rss"] - ours["baseline_rss"]
