@@ -90,8 +90,8 @@ def busy_machine_note(load_avg_at_start: float) -> str:
     if load_avg_at_start < 0.5 * cpus:
         return ""
     return (
-        f"**Busy machine:** load average {load_avg_at_start:.1f} on {cpus} CPUs when this run started (other "
-        "processes running): absolute timings are pessimistic; compare contenders measured in the same run only."
+        f"**Busy machine:** load average {load_avg_at_start:.1f} on {cpus} CPUs when this run started (other work "
+        "running, or just ended): absolute timings are pessimistic; compare contenders from the same run only."
     )
 
 

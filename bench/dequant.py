@@ -39,8 +39,8 @@ TOKENS = [1, 512]
 
 def time_round_robin(
     fns: dict[str, Callable[[], Any]], device: torch.device, reps: int, budget_s: float
-) -> dict[str, tuple[float, int]]:
-    """Median seconds per call of each function, calling them in turn so all see the same machine load.
+) -> dict[str, tuple[float, float, int]]:
+    """(median s, min s, calls) per function, calling them in turn so that all see the same machine load.
 
     Up to ``reps`` rounds (at least 3), stopping early once ``budget_s`` is spent. Interleaving matters on a
     shared machine: a burst of other work then slows every contender of a round alike, not just one of them.
@@ -65,7 +65,7 @@ def time_round_robin(
             times[name].append(time.perf_counter() - start)
             spent += times[name][-1]
         rounds += 1
-    return {name: (statistics.median(t), len(t)) for name, t in times.items()}
+    return {name: (statistics.median(t), min(t), len(t)) for name, t in times.items()}
 
 
 def bench_shape(
@@ -77,11 +77,15 @@ def bench_shape(
     codes, state = bnbf.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
     del weight
     dense = bnbf.dequantize_4bit(codes, state)
-    # Same codes, same kernel: the two must agree bit for bit, or the comparison below means nothing.
-    if not torch.equal(layer.dequantize(dtype), dense):
-        raise AssertionError(f"NF4Linear.dequantize differs from bitsandbytes for {out_features}x{in_features}")
-
-    result: dict[str, Any] = {"out_features": out_features, "in_features": in_features, "dequant": {}, "matmul": {}}
+    result: dict[str, Any] = {
+        "out_features": out_features,
+        "in_features": in_features,
+        # Same codes, same kernel: the contract is bit-equality; a False here is a bug to report, not noise.
+        "dequant_bit_equal": torch.equal(layer.dequantize(dtype), dense),
+        "matmul_rel_error": {},
+        "dequant": {},
+        "matmul": {},
+    }
     out_bytes = out_features * in_features * dtype.itemsize
     with torch.no_grad():
         dequantizers = {
@@ -89,13 +93,19 @@ def bench_shape(
             "reference": lambda: dequantize_nf4_reference(layer, dtype),
             "bnb": lambda: bnbf.dequantize_4bit(codes, state),
         }
-        for name, (seconds, n) in time_round_robin(dequantizers, device, reps, budget_s).items():
-            result["dequant"][name] = {"ms": seconds * 1e3, "gb_s": out_bytes / seconds / 1e9, "reps": n}
+        for name, (seconds, fastest, n) in time_round_robin(dequantizers, device, reps, budget_s).items():
+            result["dequant"][name] = {
+                "ms": seconds * 1e3,
+                "min_ms": fastest * 1e3,
+                "gb_s": out_bytes / seconds / 1e9,
+                "reps": n,
+            }
 
         for tokens in TOKENS:
             x = torch.randn(tokens, in_features, device=device, generator=generator).to(dtype)
-            if not torch.allclose(layer(x), bnb.matmul_4bit(x, codes.t(), quant_state=state), rtol=1e-2, atol=1e-2):
-                raise AssertionError(f"NF4Linear and bnb.matmul_4bit disagree for {out_features}x{in_features}")
+            ours, theirs = layer(x).float(), bnb.matmul_4bit(x, codes.t(), quant_state=state).float()
+            # Kernels may accumulate in another order (a fused GEMV on CUDA), so compare by relative error.
+            result["matmul_rel_error"][str(tokens)] = ((ours - theirs).norm() / theirs.norm()).item()
             flops = 2 * tokens * in_features * out_features
             matmuls = {
                 "ours": lambda x=x: layer(x),
@@ -103,8 +113,8 @@ def bench_shape(
                 "dense": lambda x=x: x @ dense.t(),
             }
             result["matmul"][str(tokens)] = {
-                name: {"ms": seconds * 1e3, "gflop_s": flops / seconds / 1e9, "reps": n}
-                for name, (seconds, n) in time_round_robin(matmuls, device, reps, budget_s).items()
+                name: {"ms": seconds * 1e3, "min_ms": fastest * 1e3, "gflop_s": flops / seconds / 1e9, "reps": n}
+                for name, (seconds, fastest, n) in time_round_robin(matmuls, device, reps, budget_s).items()
             }
     return result
 
@@ -137,6 +147,12 @@ def report(results: list[dict[str, Any]], device: torch.device, dtype: torch.dty
                     f"{m['ours']['gflop_s'] / m['bnb']['gflop_s']:.2f}",
                 ]
             )
+    checks = [
+        f"{r['out_features']}x{r['in_features']}: dequantize bit-equal to bnb: {r['dequant_bit_equal']}; "
+        "matmul relative error vs bnb: "
+        + ", ".join(f"{e:.1e} ({tokens} tok)" for tokens, e in r["matmul_rel_error"].items())
+        for r in results
+    ]
     return "\n".join(
         [
             f"# NF4 dequantization and 4-bit matmul throughput ({device.type}, {dtype_name})",
@@ -159,6 +175,10 @@ def report(results: list[dict[str, Any]], device: torch.device, dtype: torch.dty
                 ["weight (out x in)", "tokens", "ours (NF4Linear)", "bnb.matmul_4bit", "dense (ceiling)", "ours/bnb"],
                 matmul_rows,
             ),
+            "",
+            "## Checks (same codes in both)",
+            "",
+            *[f"- {line}" for line in checks],
         ]
     )
 
@@ -172,7 +192,7 @@ def main() -> None:
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if use_cuda else "cpu")
     dtype = torch.bfloat16 if use_cuda else torch.float32
-    budget_s = 30.0 if use_cuda else 4.0  # per group of contenders; keeps a 2-core CPU run near 3 minutes
+    budget_s = 30.0 if use_cuda else 8.0  # per group of contenders; keeps a 2-core CPU run near 3 minutes
 
     start = time.perf_counter()
     results = []

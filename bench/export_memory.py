@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from _common import MB, markdown_table, peak_rss_bytes, rss_bytes, save_results
 
 # Llama shapes: ~0.54 GB and (TinyLlama-1.1B's) ~2.2 GB of bf16 weights; untied embeddings.
@@ -87,6 +86,7 @@ def tensor_shapes(shape: dict[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
 
 def build_inputs(workdir: Path, size: str) -> tuple[Path, Path]:
     """The base checkpoint dir and the adapter dir for ``size`` (reused when complete)."""
+    import torch
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
@@ -178,6 +178,7 @@ class RssSampler:
 def measure(route: str, base: Path, adapter: Path, out: Path, shard_size: str) -> dict[str, Any]:
     # Everything either route imports is imported before the baseline, so the figure is the export alone.
     import peft
+    import torch
     import transformers.models.llama.modeling_llama  # noqa: F401
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -188,6 +189,9 @@ def measure(route: str, base: Path, adapter: Path, out: Path, shard_size: str) -
     baseline = rss_bytes()
     result: dict[str, Any] = {"route": route, "baseline_rss": baseline["rss"], "baseline_anon": baseline["anon"]}
     result["baseline_file"] = baseline["file"]
+    # ru_maxrss survives execve: a child starts with its parent's RSS at fork as its "peak". The parent
+    # stays small for that reason (inputs are built in their own process); this records that it worked.
+    result["peak_rss_at_baseline"] = peak_rss_bytes()
     start = time.perf_counter()
     with RssSampler() as sampler:
         if route == "ours":
@@ -277,7 +281,19 @@ def report(rows: list[dict[str, Any]], shard_size: str) -> str:
                 f"usual {mib(above_usual)} MiB ({above_usual / max(above_ours, 1):.1f}x); largest output tensor "
                 f"{mib(ours['largest_tensor_bytes'])} MiB."
             )
+    lines += [
+        "",
+        "Reading it: the usual route holds the whole bf16 model (plus peft's copies while merging), so its "
+        "peak grows with the model. Ours holds one output shard (at most the shard size) plus the working set "
+        "of one weight: reading it, NF4-quantizing it exactly as the loader does (bitsandbytes' CPU quantizer "
+        "makes several fp32 temporaries of the weight), dequantizing, adding scaling * B @ A in fp32. That "
+        "grows with the largest linear (here 2048 x 5632), not with the number of layers. Ours is slower on "
+        "CPU because it re-quantizes every decoder linear to reproduce the weights training saw; the usual "
+        "route merges into the original bf16 weights instead (a different, less faithful result).",
+    ]
     for r in rows:
+        if r.get("peak_rss_at_baseline", 0) > r.get("baseline_rss", 0) + 64 * MB:
+            lines.append(f"- WARNING {r['size']} {r['route']}: ru_maxrss was already above the baseline at start")
         if "error" in r:
             lines.append(f"- {r['size']} {ROUTE_NAMES[r['route']]} failed: `{r['error'].splitlines()[-1][:300]}`")
     return "\n".join(lines)
@@ -288,6 +304,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/qlora-kit-bench/export"))
     parser.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated, from {', '.join(SIZES)}")
     parser.add_argument("--shard-size", default="500MB")
+    parser.add_argument("--build", help=argparse.SUPPRESS)
     parser.add_argument("--child", choices=["ours", "usual"], help=argparse.SUPPRESS)
     parser.add_argument("--base", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--adapter", type=Path, help=argparse.SUPPRESS)
@@ -298,19 +315,31 @@ def main() -> None:
         result = measure(args.child, args.base, args.adapter, args.out, args.shard_size)
         print(RESULT_MARKER + json.dumps(result), flush=True)
         return
+    if args.build:
+        base, adapter = build_inputs(args.workdir, args.build)
+        from qlora_kit.loading import checkpoint_index
 
-    from qlora_kit.loading import checkpoint_index
-
-    rows = []
-    for size in args.sizes.split(","):
-        base, adapter = build_inputs(args.workdir, size)
         entries = checkpoint_index(base)
         facts = {
-            "size": size,
-            "shape": SIZES[size],
+            "size": args.build,
+            "shape": SIZES[args.build],
+            "base": str(base),
+            "adapter": str(adapter),
             "checkpoint_bytes": sum(e.end - e.start for e in entries.values()),
             "largest_tensor_bytes": max(e.end - e.start for e in entries.values()),
         }
+        print(RESULT_MARKER + json.dumps(facts), flush=True)
+        return
+
+    rows = []
+    for size in args.sizes.split(","):
+        # Built in a separate process, so this one never grows (see peak_rss_at_baseline).
+        build = [sys.executable, __file__, "--build", size, "--workdir", str(args.workdir)]
+        output = subprocess.run(build, capture_output=True, text=True, check=True).stdout
+        facts = json.loads(
+            next(line for line in output.splitlines() if line.startswith(RESULT_MARKER))[len(RESULT_MARKER) :]
+        )
+        base, adapter = Path(facts["base"]), Path(facts["adapter"])
         for route in ("ours", "usual"):
             rows.append({**facts, **run_child(route, base, adapter, args.workdir / f"out-{route}", args.shard_size)})
     markdown = report(rows, args.shard_size)

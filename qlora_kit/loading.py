@@ -13,6 +13,8 @@ checkpoint's size even though no copy is kept.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import struct
 from collections.abc import Iterator
@@ -43,6 +45,17 @@ _SAFETENSORS_DTYPES = {
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
 }
+
+
+def _find_malloc_trim():
+    """glibc's malloc_trim, or None (musl, macOS): freed tensor buffers otherwise stay in the heap."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _find_malloc_trim()
 
 
 # --- devices and dtypes ---------------------------------------------------------------------------------
@@ -250,6 +263,10 @@ def load_model(
         else:
             _set_parameter(module, attr, tensor.to(dtype), name, entry)
         del tensor  # the dense source goes now; only the 4-bit codes stay
+        if _MALLOC_TRIM is not None:
+            # glibc keeps freed temporaries between the small code buffers that stay; hand them back so
+            # peak RSS tracks the 4-bit model, not the sum of freed sources (bench/load_memory.py: -250 MiB).
+            _MALLOC_TRIM(0)
 
     if tied:
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
@@ -291,9 +308,7 @@ def _check_complete(model: nn.Module, model_dir: Path) -> None:
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     missing += [n for n, b in model.named_buffers() if b.is_meta]
     if missing:
-        shown = ", ".join(
-            sorted({m.removesuffix(".codes").removesuffix(".absmax_codes") for m in missing})[:5]
-        )
+        shown = ", ".join(sorted({m.removesuffix(".codes").removesuffix(".absmax_codes") for m in missing})[:5])
         raise QloraKitError(
             f"the checkpoint in {model_dir} is missing {len(missing)} tensors that config.json needs "
             f"(e.g. {shown}). The download may be incomplete, or config.json belongs to another model."

@@ -277,6 +277,10 @@ def test_incomplete_or_missing_adapter_is_named(tmp_path):
     message = _error(tmp_path / "run", tmp_path / "out")
     assert "gone" in message and "--base-model" in message
 
+    config["base_model_name_or_path"], config["r"] = str(base), 4  # the weights have rank 8
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    assert "r=4" in _error(tmp_path / "run", tmp_path / "out")
+
     (adapter / WEIGHTS_NAME).unlink()
     message = _error(adapter, tmp_path / "out", base_model=base)
     assert WEIGHTS_NAME in message and str(adapter) in message
