@@ -313,7 +313,9 @@ def _render(
     layer = NF4Linear.from_weight(weight)
     state = layer.quant_state(out_dtype).as_dict(packed=True)
     out = {unit.name: layer.codes.view(-1, 1).cpu()}
-    out.update({f"{unit.name}.{key}": value.cpu() for key, value in state.items()})
+    # Copies: the code tables are shared between layers (cached in quant.py), and safetensors refuses
+    # tensors that share memory.
+    out.update({f"{unit.name}.{key}": value.to("cpu", copy=True) for key, value in state.items()})
     return out
 
 
