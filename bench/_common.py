@@ -12,6 +12,8 @@ import os
 import platform
 import resource
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -138,3 +140,28 @@ def rss_bytes() -> dict[str, int]:
         if key in fields:
             out[fields[key]] = int(value.split()[0]) * 1024
     return out
+
+
+class RssSampler:
+    """Peak anonymous and file-backed RSS, sampled every few ms (``ru_maxrss`` only gives the total)."""
+
+    def __init__(self, interval_s: float = 0.005) -> None:
+        self.interval_s = interval_s
+        self.peak = {"rss": 0, "anon": 0, "file": 0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for key, value in rss_bytes().items():
+                if key in self.peak:
+                    self.peak[key] = max(self.peak[key], value)
+            time.sleep(self.interval_s)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()

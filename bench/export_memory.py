@@ -28,12 +28,11 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from _common import MB, markdown_table, peak_rss_bytes, rss_bytes, save_results
+from _common import MB, RssSampler, markdown_table, peak_rss_bytes, rss_bytes, save_results
 
 # Llama shapes: ~0.54 GB and (TinyLlama-1.1B's) ~2.2 GB of bf16 weights; untied embeddings.
 SIZES: dict[str, dict[str, Any]] = {
@@ -148,31 +147,6 @@ def build_inputs(workdir: Path, size: str) -> tuple[Path, Path]:
 
 
 # --- one measurement, in a child process ----------------------------------------------------------------
-
-
-class RssSampler:
-    """Peak anonymous and file-backed RSS, sampled every few ms (``ru_maxrss`` only gives the total)."""
-
-    def __init__(self, interval_s: float = 0.005) -> None:
-        self.interval_s = interval_s
-        self.peak = {"rss": 0, "anon": 0, "file": 0}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            for key, value in rss_bytes().items():
-                if key in self.peak:
-                    self.peak[key] = max(self.peak[key], value)
-            time.sleep(self.interval_s)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def measure(route: str, base: Path, adapter: Path, out: Path, shard_size: str) -> dict[str, Any]:

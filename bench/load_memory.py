@@ -27,13 +27,12 @@ import math
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from _common import MB, busy_machine_note, markdown_table, peak_rss_bytes, rss_bytes, save_results
+from _common import MB, RssSampler, busy_machine_note, markdown_table, peak_rss_bytes, rss_bytes, save_results
 
 # LLaMA-style, ~840M parameters, untied: 1.68 GB (1,600 MiB) of bf16 weights (the issue asks for >= 1.5 GB).
 SHAPE = {
@@ -123,31 +122,6 @@ def build_checkpoint(workdir: Path) -> Path:
 
 
 # --- one measurement, in a child process ----------------------------------------------------------------
-
-
-class RssSampler:
-    """Peak anonymous and file-backed RSS, sampled every few ms (``ru_maxrss`` only gives the total)."""
-
-    def __init__(self, interval_s: float = 0.005) -> None:
-        self.interval_s = interval_s
-        self.peak = {"rss": 0, "anon": 0, "file": 0}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            for key, value in rss_bytes().items():
-                if key in self.peak:
-                    self.peak[key] = max(self.peak[key], value)
-            time.sleep(self.interval_s)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def measure(route: str, dtype_name: str, model_dir: Path) -> dict[str, Any]:

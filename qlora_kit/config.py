@@ -350,9 +350,7 @@ def _apply(values: dict[str, dict[str, Any]], data: dict[Any, Any], source: str)
         if entries is None:  # "lora:" with nothing under it
             continue
         if not isinstance(entries, dict):
-            raise QloraKitError(
-                f"section '{section}' in {source} must be a mapping of keys to values, got {entries!r}"
-            )
+            raise QloraKitError(f"section '{section}' in {source} must be a mapping of keys to values, got {entries!r}")
         for name, value in entries.items():
             _check_key(section, str(name), source)
             values[section][name] = _coerce(section, name, value, source)
@@ -386,9 +384,7 @@ def load_config(recipe: str | Path | None = None, overrides: typing.Iterable[str
         except yaml.YAMLError as error:
             raise QloraKitError(f"recipe {path} is not valid YAML: {error}") from None
         if data is not None and not isinstance(data, dict):
-            raise QloraKitError(
-                f"recipe {path} must be a mapping with sections {', '.join(SECTIONS)}; got {data!r}"
-            )
+            raise QloraKitError(f"recipe {path} must be a mapping with sections {', '.join(SECTIONS)}; got {data!r}")
         _apply(values, data or {}, str(path))
     for item in overrides:
         key, equals, text = item.partition("=")
@@ -528,9 +524,7 @@ def _type_name(hint: Any) -> str:
 
 def config_help() -> str:
     """Every config key with its type, default and docstring; plain text for an argparse epilog."""
-    lines = [
-        "config keys (set them in a YAML recipe or override them as section.field=value, e.g. lora.r=8):"
-    ]
+    lines = ["config keys (set them in a YAML recipe or override them as section.field=value, e.g. lora.r=8):"]
     for section, cls in SECTIONS.items():
         lines += ["", f"{section}: {inspect.getdoc(cls)}"]
         defaults, docs = cls(), field_docs(cls)

@@ -20,8 +20,6 @@ Everything is written into a temp dir beside ``out`` and renamed into place at t
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import errno
 import json
 import math
@@ -46,9 +44,10 @@ from qlora_kit.loading import (
     checkpoint_index,
     load_config,
     read_tensor,
+    release_freed_memory,
     resolve_device,
 )
-from qlora_kit.lora import PEFT_PREFIX, decoder_linear_names, merge_lora_weight
+from qlora_kit.lora import PEFT_PREFIX, decoder_linear_names, lora_scaling, merge_lora_weight
 from qlora_kit.models import resolve_model_dir
 from qlora_kit.quant import ABSMAX_BLOCKSIZE, NF4_BLOCKSIZE, NF4Linear
 
@@ -106,28 +105,6 @@ def parse_size(size: str | int) -> int:
     if not match or unit not in _SIZE_UNITS or float(match.group(1)) <= 0:
         raise QloraKitError(f"max shard size {size!r} is not a size; write it like 500MB, 5GB or 2GiB")
     return int(float(match.group(1)) * _SIZE_UNITS[unit])
-
-
-def _release_freed_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
-
-    The shard's tensors and each weight's fp32 temporaries interleave on glibc's heap; freed holes between
-    live blocks stay resident otherwise. Measured on a 0.54 GB export with 500 MB shards: peak RSS above
-    baseline 822 MiB without trimming, 568 MiB with it (the 477 MiB shard + about one tensor's working set).
-    """
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _load_libc():
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
-
-
-_LIBC = _load_libc()
 
 
 def _human(nbytes: int) -> str:
@@ -423,9 +400,7 @@ def export_merged(
         )
     if merge_into == "original":
         print(ORIGINAL_MERGE_WARNING, file=sys.stderr)
-    scaling = adapter_config.lora_alpha / (
-        math.sqrt(adapter_config.r) if adapter_config.use_rslora else adapter_config.r
-    )
+    scaling = lora_scaling(adapter_config.lora_alpha, adapter_config.r, adapter_config.use_rslora)
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     current = tmp
@@ -438,13 +413,13 @@ def export_merged(
             tensors: dict[str, torch.Tensor] = {}
             for unit in shard:
                 tensors.update(_render(unit, scaling, out_dtype, merge_into, quantize, compute_device))
-                _release_freed_memory()  # this tensor's temporaries
+                release_freed_memory()  # this tensor's temporaries
             save_shard(tensors, str(current), {"format": "pt"})
             shard_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
             total_size += shard_bytes
             weight_map.update(dict.fromkeys(tensors, filename))
             del tensors  # the shard is on disk; only the next one is ever held
-            _release_freed_memory()
+            release_freed_memory()
             print(f"wrote {filename} ({_human(shard_bytes)}, {len(shard)} checkpoint tensors)")
         if len(shards) > 1:
             index_json = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}

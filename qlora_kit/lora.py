@@ -29,6 +29,11 @@ TARGET_PRESETS: dict[str, tuple[str, ...] | None] = {
 }
 
 
+def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
+    """The factor on ``B @ A``: alpha/r, or alpha/sqrt(r) for rank-stabilized LoRA."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
 class LoRALinear(nn.Module):
     def __init__(
         self,
@@ -46,7 +51,7 @@ class LoRALinear(nn.Module):
         self.r = r
         self.alpha = alpha
         self.use_rslora = use_rslora
-        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.scaling = lora_scaling(alpha, r, use_rslora)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         device = next(base.buffers(), next(base.parameters(), None))
         device = device.device if device is not None else None
@@ -93,9 +98,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     for module in model.modules():
         if isinstance(module, nn.ModuleList) and (n_layers is None or len(module) == n_layers):
             return module
-    raise QloraKitError(
-        f"{type(model).__name__} has no list of decoder layers; it is not a supported architecture"
-    )
+    raise QloraKitError(f"{type(model).__name__} has no list of decoder layers; it is not a supported architecture")
 
 
 def _is_linear(module: nn.Module) -> bool:

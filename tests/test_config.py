@@ -157,9 +157,7 @@ def test_bool_fields_reject_numbers_and_numbers_reject_bools():
 
 def test_string_fields_keep_the_text_as_typed(tmp_path):
     # YAML would turn these into an int, an octal, a bool and a mapping.
-    cfg = load_config(
-        None, ["output.dir=2024", "data.split=0123", "model.name_or_path=yes", "train.resume=ckpt: 1"]
-    )
+    cfg = load_config(None, ["output.dir=2024", "data.split=0123", "model.name_or_path=yes", "train.resume=ckpt: 1"])
     assert cfg.output.dir == "2024"
     assert cfg.data.split == "0123"
     assert cfg.model.name_or_path == "yes"
@@ -387,9 +385,7 @@ def test_yaml_has_section_headers_and_docstring_comments():
         for f in dataclasses.fields(cls):
             key_line = next(i for i, line in enumerate(lines) if line.startswith(f"  {f.name}:"))
             comment_lines = docs[f.name].splitlines()
-            above = [
-                line.removeprefix("  # ").strip() for line in lines[key_line - len(comment_lines) : key_line]
-            ]
+            above = [line.removeprefix("  # ").strip() for line in lines[key_line - len(comment_lines) : key_line]]
             assert above == [line.strip() for line in comment_lines], f"{section}.{f.name}"
 
 

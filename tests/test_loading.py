@@ -84,9 +84,7 @@ def test_dir_without_safetensors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(save_tiny_config_dict()))
     (tmp_path / "pytorch_model.bin").write_bytes(b"x")
     message = _error(tmp_path)
-    assert (
-        "no *.safetensors" in message and "pytorch_model.bin" in message and "safe_serialization" in message
-    )
+    assert "no *.safetensors" in message and "pytorch_model.bin" in message and "safe_serialization" in message
 
 
 def test_truncated_safetensors(tiny_llama_dir):
@@ -170,9 +168,7 @@ def test_smollm2_in_nf4_knows_paris_and_keeps_perplexity(smollm2_dir):
     model = load_model(smollm2_dir, device="cpu")
     assert sum(isinstance(m, NF4Linear) for m in model.modules()) == 30 * 7
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    inputs = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**inputs, max_new_tokens=16, do_sample=False)
     answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer

@@ -65,6 +65,12 @@ def _overrides(model_dir: Path, out: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
+def _train_cmd(model_dir: Path, out: Path, **extra) -> list[str]:
+    """`qlora-kit train` in a child process (so it can be killed), with the same overrides as `_overrides`."""
+    recipe = str(TOOLS.parent / "smollm2_alpaca.yaml")
+    return [sys.executable, "-m", "qlora_kit.cli", "train", recipe, *_overrides(model_dir, out, **extra)]
+
+
 def _losses(out: Path) -> dict[int, float]:
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in records if "loss" in r}
@@ -95,15 +101,9 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(tiny_model_dir,
     train(load_config(None, _overrides(tiny_model_dir, reference_dir)))
     reference = _losses(reference_dir)
 
-    cmd = [
-        sys.executable,
-        "-m",
-        "qlora_kit.cli",
-        "train",
-        str(TOOLS.parent / "smollm2_alpaca.yaml"),
-        *_overrides(tiny_model_dir, killed_dir),
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _train_cmd(tiny_model_dir, killed_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 120
     while not any(c.step >= 4 for c in list_checkpoints(killed_dir)):
         assert proc.poll() is None, "training ended before it could be killed"
@@ -121,14 +121,7 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(tiny_model_dir,
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "qlora_kit.cli",
-        "train",
-        str(TOOLS.parent / "smollm2_alpaca.yaml"),
-        *_overrides(tiny_model_dir, out, **{"train.max_steps": 400, "train.save_steps": 0}),
-    ]
+    cmd = _train_cmd(tiny_model_dir, out, **{"train.max_steps": 400, "train.save_steps": 0})
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
     while not (out / "metrics.jsonl").is_file() or len(_losses(out)) < 2:
