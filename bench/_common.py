@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
 import resource
@@ -165,3 +166,61 @@ class RssSampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def llama_tensor_shapes(shape: dict[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
+    """Names and shapes of a LlamaForCausalLM, in the order transformers saves them."""
+    h, f, v = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]
+    kv = h // shape["num_attention_heads"] * shape["num_key_value_heads"]
+    shapes: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (v, h))]
+    for i in range(shape["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        shapes += [
+            (f"{p}.input_layernorm.weight", (h,)),
+            (f"{p}.self_attn.q_proj.weight", (h, h)),
+            (f"{p}.self_attn.k_proj.weight", (kv, h)),
+            (f"{p}.self_attn.v_proj.weight", (kv, h)),
+            (f"{p}.self_attn.o_proj.weight", (h, h)),
+            (f"{p}.post_attention_layernorm.weight", (h,)),
+            (f"{p}.mlp.gate_proj.weight", (f, h)),
+            (f"{p}.mlp.up_proj.weight", (f, h)),
+            (f"{p}.mlp.down_proj.weight", (h, f)),
+        ]
+    return [*shapes, ("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
+
+
+def write_synthetic_llama(model_dir: Path, shape: dict[str, Any], shard_bytes: int) -> None:
+    """Random bf16 weights of a Llama ``shape`` (a LlamaConfig kwargs dict) as ~``shard_bytes`` shards + index.
+
+    Built shard by shard, so making a checkpoint never needs the whole model in memory.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]  # grouped first: file names carry the count
+    size_in_shard = 0
+    for name, tensor_shape in llama_tensor_shapes(shape):
+        nbytes = 2 * math.prod(tensor_shape)
+        if shards[-1] and size_in_shard + nbytes > shard_bytes:
+            shards.append([])
+            size_in_shard = 0
+        shards[-1].append((name, tensor_shape))
+        size_in_shard += nbytes
+    generator = torch.Generator().manual_seed(0)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i, shard in enumerate(shards):
+        filename = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors: dict[str, torch.Tensor] = {}
+        for name, tensor_shape in shard:  # only this shard is ever in memory
+            if len(tensor_shape) == 1:
+                tensors[name] = torch.ones(tensor_shape, dtype=torch.bfloat16)
+            else:
+                tensors[name] = (torch.randn(tensor_shape, generator=generator) * 0.02).to(torch.bfloat16)
+            weight_map[name] = filename
+            total += tensors[name].numel() * 2
+        save_file(tensors, str(model_dir / filename), metadata={"format": "pt"})
+        del tensors
+        print(f"  wrote {filename}", flush=True)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

@@ -32,7 +32,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import MB, RssSampler, markdown_table, peak_rss_bytes, rss_bytes, save_results
+from _common import (
+    MB,
+    RssSampler,
+    llama_tensor_shapes,
+    markdown_table,
+    peak_rss_bytes,
+    rss_bytes,
+    save_results,
+    write_synthetic_llama,
+)
 
 # Llama shapes: ~0.54 GB and (TinyLlama-1.1B's) ~2.2 GB of bf16 weights; untied embeddings.
 SIZES: dict[str, dict[str, Any]] = {
@@ -62,27 +71,6 @@ RESULT_MARKER = "RESULT "
 # --- synthetic inputs -----------------------------------------------------------------------------------
 
 
-def tensor_shapes(shape: dict[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
-    """Names and shapes of a LlamaForCausalLM, in the order transformers saves them."""
-    h, f, v = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]
-    kv = h // shape["num_attention_heads"] * shape["num_key_value_heads"]
-    shapes: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (v, h))]
-    for i in range(shape["num_hidden_layers"]):
-        p = f"model.layers.{i}"
-        shapes += [
-            (f"{p}.input_layernorm.weight", (h,)),
-            (f"{p}.self_attn.q_proj.weight", (h, h)),
-            (f"{p}.self_attn.k_proj.weight", (kv, h)),
-            (f"{p}.self_attn.v_proj.weight", (kv, h)),
-            (f"{p}.self_attn.o_proj.weight", (h, h)),
-            (f"{p}.post_attention_layernorm.weight", (h,)),
-            (f"{p}.mlp.gate_proj.weight", (f, h)),
-            (f"{p}.mlp.up_proj.weight", (f, h)),
-            (f"{p}.mlp.down_proj.weight", (h, f)),
-        ]
-    return [*shapes, ("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
-
-
 def build_inputs(workdir: Path, size: str) -> tuple[Path, Path]:
     """The base checkpoint dir and the adapter dir for ``size`` (reused when complete)."""
     import torch
@@ -104,36 +92,12 @@ def build_inputs(workdir: Path, size: str) -> tuple[Path, Path]:
     print(f"building {base} and {adapter} (once) ...", flush=True)
     LlamaConfig(**shape, tie_word_embeddings=False, dtype="bfloat16").save_pretrained(base)
 
-    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
-    size_in_shard = 0
-    for name, tensor_shape in tensor_shapes(shape):
-        nbytes = 2 * math.prod(tensor_shape)
-        if shards[-1] and size_in_shard + nbytes > BASE_SHARD_BYTES:
-            shards.append([])
-            size_in_shard = 0
-        shards[-1].append((name, tensor_shape))
-        size_in_shard += nbytes
-    generator = torch.Generator().manual_seed(0)
-    weight_map: dict[str, str] = {}
-    total = 0
-    for i, shard in enumerate(shards):
-        filename = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        tensors: dict[str, torch.Tensor] = {}
-        for name, tensor_shape in shard:  # only this shard is ever in memory
-            if len(tensor_shape) == 1:
-                tensors[name] = torch.ones(tensor_shape, dtype=torch.bfloat16)
-            else:
-                tensors[name] = (torch.randn(tensor_shape, generator=generator) * 0.02).to(torch.bfloat16)
-            weight_map[name] = filename
-            total += tensors[name].numel() * 2
-        save_file(tensors, str(base / filename), metadata={"format": "pt"})
-        del tensors
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (base / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    write_synthetic_llama(base, shape, BASE_SHARD_BYTES)
 
     # The adapter from shapes alone: A (r, in) and B (out, r) for each decoder linear, fp32 as on CPU.
     lora: dict[str, torch.Tensor] = {}
-    for name, (out_features, in_features) in (s for s in tensor_shapes(shape) if s[0].split(".")[-2] in TARGETS):
+    generator = torch.Generator().manual_seed(1)
+    for name, (out_features, in_features) in (s for s in llama_tensor_shapes(shape) if s[0].split(".")[-2] in TARGETS):
         module = name.removesuffix(".weight")
         lora[f"{PEFT_PREFIX}{module}.lora_A.weight"] = torch.randn(LORA["r"], in_features, generator=generator) * (
             1 / math.sqrt(in_features)
