@@ -30,7 +30,12 @@ import yaml
 from qlora_kit.errors import QloraKitError
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
-TARGET_PRESETS = ("attention", "all-linear")  # expanded to module names by qlora_kit.lora
+# LoRA target presets -> the leaf module names they select (None: every linear in the decoder layers,
+# never lm_head). Defined here, free of torch, so config validation and the planner need no model code.
+TARGET_PRESETS: dict[str, tuple[str, ...] | None] = {
+    "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "all-linear": None,
+}
 DATA_FORMATS = ("alpaca", "chat")
 TEMPLATES = ("alpaca",)
 LR_SCHEDULERS = ("constant", "cosine", "linear")

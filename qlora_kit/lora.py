@@ -20,13 +20,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from qlora_kit.config import TARGET_PRESETS
 from qlora_kit.errors import QloraKitError
 from qlora_kit.quant import NF4Linear
-
-TARGET_PRESETS: dict[str, tuple[str, ...] | None] = {
-    "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
-    "all-linear": None,  # every linear inside the decoder layers; never lm_head
-}
 
 
 def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:

@@ -15,6 +15,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from qlora_kit.config import TARGET_PRESETS
 from qlora_kit.errors import QloraKitError
 
 MB = 10**6  # every figure we print is in decimal MB / GB; GPU sizes are in GiB (see parse_size)
@@ -22,7 +23,6 @@ GiB = 2**30
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit", "adamw")
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-TARGET_PRESETS = {"attention": LINEAR_NAMES[:4], "all-linear": LINEAR_NAMES}  # as in lora.TARGET_PRESETS
 GPU_SIZES_GIB = (24, 40, 48, 80, 141)  # common single-GPU sizes, for the "bigger GPU" suggestion
 
 
@@ -172,7 +172,7 @@ ACTIVATION_COEFFS: dict[str, float] = {
 def _targets(targets: str | list[str]) -> tuple[str, ...]:
     if isinstance(targets, str):
         if targets in TARGET_PRESETS:
-            return TARGET_PRESETS[targets]
+            return TARGET_PRESETS[targets] or LINEAR_NAMES  # None: every decoder linear of a Llama-shaped model
         targets = [t.strip() for t in targets.split(",")]
     leaves = {t.rsplit(".", 1)[-1] for t in targets}
     if not leaves or not leaves <= set(LINEAR_NAMES):
