@@ -101,6 +101,9 @@ def measure(route: str, dtype_name: str, model_dir: Path) -> dict[str, Any]:
         "baseline_rss": baseline["rss"],
         "baseline_anon": baseline["anon"],
         "baseline_file": baseline["file"],
+        # ru_maxrss survives execve: a child starts with its parent's RSS at fork as its "peak". The parent
+        # stays small (the checkpoint is built in its own process); this records that it worked.
+        "peak_rss_at_baseline": peak_rss_bytes(),
     }
     start = time.perf_counter()
     with RssSampler() as sampler:
@@ -288,6 +291,7 @@ def main() -> None:
     parser.add_argument(
         "--env", action="append", default=[], metavar="KEY=VALUE", help="extra rows: our loader with this env"
     )
+    parser.add_argument("--build", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child", choices=["ours", "transformers"], help=argparse.SUPPRESS)
     parser.add_argument("--dtype", choices=list(DTYPES), help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
@@ -297,8 +301,15 @@ def main() -> None:
         print(RESULT_MARKER + json.dumps(measure(args.child, args.dtype, args.model_dir)), flush=True)
         return
 
+    if args.build:
+        print(RESULT_MARKER + str(build_checkpoint(args.workdir)), flush=True)
+        return
+
     load_at_start = os.getloadavg()[0]
-    model_dir = build_checkpoint(args.workdir)
+    # Built in a separate process, so this one never grows (see peak_rss_at_baseline).
+    build = [sys.executable, __file__, "--build", "--workdir", str(args.workdir)]
+    output = subprocess.run(build, capture_output=True, text=True, check=True).stdout
+    model_dir = Path(next(line for line in output.splitlines() if line.startswith(RESULT_MARKER))[len(RESULT_MARKER) :])
     variant = parse_env(args.env)
     results = []
     for dtype in DTYPES:

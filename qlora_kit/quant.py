@@ -28,6 +28,7 @@ from torch import nn
 
 NF4_BLOCKSIZE = 64
 ABSMAX_BLOCKSIZE = 256  # double quantization block, fixed by bitsandbytes' quantize_4bit
+QUANTIZE_SLICE = 1 << 20  # values quantized per call in load_weight: a multiple of NF4_BLOCKSIZE (and even)
 
 
 @functools.cache
@@ -86,14 +87,27 @@ class NF4Linear(nn.Module):
             raise ValueError(
                 f"weight of shape {tuple(weight.shape)} does not fit NF4Linear({self.in_features}, {self.out_features})"
             )
-        codes, state = bnbf.quantize_4bit(
-            weight.contiguous(), blocksize=NF4_BLOCKSIZE, compress_statistics=True, quant_type="nf4"
-        )
+        flat = weight.contiguous().view(-1)
+        # Quantized in slices: bitsandbytes' CPU quantizer (plain torch) makes ~16 bytes of fp32/int32
+        # temporaries per value, over 1 GB for one 8192x8192 weight, which would dominate the loader's and
+        # the exporter's peak memory. Blocks never straddle a slice (slices are whole blocks), so codes and
+        # absmax are those of one whole-tensor call; the double quantization below is bnb's own
+        # (offset = mean of all absmax, then 8-bit blocks of 256), so the result is bit-identical.
+        codes, absmax = [], []
+        for start in range(0, flat.numel(), QUANTIZE_SLICE):
+            packed, block_absmax = torch.ops.bitsandbytes.quantize_4bit.default(
+                flat[start : start + QUANTIZE_SLICE], NF4_BLOCKSIZE, "nf4", torch.uint8
+            )
+            codes.append(packed.view(-1))
+            absmax.append(block_absmax)
+        absmax_all = torch.cat(absmax)
+        offset = absmax_all.mean()
+        absmax_codes, nested = bnbf.quantize_blockwise(absmax_all - offset, blocksize=ABSMAX_BLOCKSIZE)
         # Buffers are replaced, not copied into: a skeleton's buffers live on the meta device.
-        self.codes = codes.view(-1)
-        self.absmax_codes = state.absmax
-        self.absmax_scales = state.state2.absmax.view(torch.int32)
-        self.absmax_offset = state.offset.reshape(()).view(torch.int32)
+        self.codes = torch.cat(codes) if len(codes) > 1 else codes[0]
+        self.absmax_codes = absmax_codes
+        self.absmax_scales = nested.absmax.view(torch.int32)
+        self.absmax_offset = offset.reshape(()).view(torch.int32)
 
     def quant_state(self, dtype: torch.dtype) -> bnbf.QuantState:
         """The bitsandbytes ``QuantState`` these buffers stand for (dequantizing to ``dtype``)."""

@@ -6,7 +6,7 @@ import bitsandbytes.functional as bnbf
 import pytest
 import torch
 
-from qlora_kit.quant import NF4Linear, dequantize_nf4_reference, quantized_bytes
+from qlora_kit.quant import QUANTIZE_SLICE, NF4Linear, dequantize_nf4_reference, quantized_bytes
 
 
 @pytest.mark.parametrize("shape", [(576, 1536), (100, 37), (64, 64), (3, 1000)])
@@ -22,6 +22,22 @@ def test_dequantize_equals_bitsandbytes_bit_for_bit(shape, dtype):
     assert torch.equal(layer.codes, codes.view(-1))
     assert torch.equal(layer.dequantize(dtype), expected)  # our buffers -> bnb's kernel
     assert torch.equal(dequantize_nf4_reference(layer, dtype), expected)  # the format in plain torch
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sliced_quantization_equals_one_bitsandbytes_call(dtype):
+    # load_weight quantizes in slices of QUANTIZE_SLICE values to bound its temporaries; on a weight of
+    # several slices with a ragged last block and an odd value count, every buffer must still equal the
+    # one-call bnb.functional.quantize_4bit result.
+    torch.manual_seed(1)
+    weight = (torch.randn(1001, 2113) * 0.02).to(dtype)
+    assert weight.numel() > 2 * QUANTIZE_SLICE and weight.numel() % 2 == 1 and weight.numel() % 64
+    codes, state = bnbf.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
+    layer = NF4Linear.from_weight(weight)
+    assert torch.equal(layer.codes, codes.view(-1))
+    assert torch.equal(layer.absmax_codes, state.absmax)
+    assert torch.equal(layer.absmax_scales.view(torch.float32), state.state2.absmax)
+    assert torch.equal(layer.absmax_offset.view(torch.float32), state.offset.reshape(()))
 
 
 def test_quantization_error_is_nf4_sized():
