@@ -223,11 +223,11 @@ def report(rows: list[dict[str, Any]], shard_size: str) -> str:
         "",
         "Reading it: the usual route holds the whole bf16 model (plus peft's copies while merging), so its "
         "peak grows with the model. Ours holds one output shard (at most the shard size) plus the working set "
-        "of one weight: reading it, NF4-quantizing it exactly as the loader does (bitsandbytes' CPU quantizer "
-        "makes several fp32 temporaries of the weight), dequantizing, adding scaling * B @ A in fp32. That "
-        "grows with the largest linear (here 2048 x 5632), not with the number of layers. Ours is slower on "
-        "CPU because it re-quantizes every decoder linear to reproduce the weights training saw; the usual "
-        "route merges into the original bf16 weights instead (a different, less faithful result).",
+        "of one weight: reading it, NF4-quantizing it exactly as the loader does (in 1M-value slices), "
+        "dequantizing to fp32, adding scaling * B @ A (one fused addmm), casting: about 12 bytes per value of "
+        "that weight. That grows with the largest linear (here 2048 x 5632), not with the number of layers. "
+        "Ours is slower on CPU because it re-quantizes every decoder linear to reproduce the weights training "
+        "saw; the usual route merges into the original bf16 weights instead (a different, less faithful result).",
     ]
     for r in rows:
         if r.get("peak_rss_at_baseline", 0) > r.get("baseline_rss", 0) + 64 * MB:

@@ -227,5 +227,8 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor], sourc
 def merge_lora_weight(
     base_weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float
 ) -> torch.Tensor:
-    """``W + scaling * B @ A`` computed in fp32 (the caller casts to the output dtype)."""
-    return base_weight.float() + scaling * (lora_b.float() @ lora_a.float())
+    """``W + scaling * B @ A`` computed in fp32 (the caller casts to the output dtype).
+
+    One fused ``addmm``: no separate ``B @ A`` temporary of the weight's size (the export's working set).
+    """
+    return torch.addmm(base_weight.float(), lora_b.float(), lora_a.float(), alpha=scaling)
