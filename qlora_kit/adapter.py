@@ -85,6 +85,13 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model_name_or_pat
     try:
         write_adapter_files(model, tmp, base_model_name_or_path)
         replace_dir(tmp, directory)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        earlier = " The adapter that was there is intact." if directory.is_dir() else ""
+        raise QloraKitError(
+            f"could not write the adapter to {directory} ({e}); nothing was written there.{earlier} "
+            "Free disk space (or choose another directory) and save again"
+        ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
