@@ -55,7 +55,7 @@ def _lazy(module: str, function: str):
 COMMANDS = {
     "train": train_main,
     "plan": _lazy("memory", "plan_main"),
-    "profile": _lazy("memory", "profile_main"),
+    "profile": _lazy("profile", "profile_main"),
     "export": _lazy("export", "export_main"),
     "generate": _lazy("generate", "generate_main"),
 }

@@ -160,9 +160,22 @@ ACTIVATION_COEFFS: dict[str, float] = {
     "sdpa_saved_tensors": 1,  # SDPA keeps q, k, v (GQA: k, v at kv width) and its output; no s x s matrix
     "sdpa_lse_fp32_per_head": 1,  # + one fp32 logsumexp per head
     "mlp_ffn_tensors": 3,  # SiLU keeps gate's output; act * up keeps act and up: 3 x ffn
-    "grad_workspace_hidden": 4,  # live in a layer's backward: grad in, grad out, residual grad, one temp
-    "grad_workspace_ffn": 2,  # + two ffn-wide grads inside the MLP
-    "loss_backward_fp32_vocab": 2,  # loss backward: fp32 grad of the log-probs + fp32 grad of the logits
+    # Transients of one layer, measured on CPU with the profiler (tests/test_memory_measured.py; docs/memory.md,
+    # "Transients"). Both peak in the down projection (lora._LoRAFunction): forward holds its dequantized
+    # weight, its output (hidden) and, with dropout, the dropped copy of its input (ffn) + a bool mask;
+    # backward holds the dequantized weight, the incoming grad (hidden), the grad of its input (ffn) and,
+    # with dropout, the mask drawn again. Under checkpointing the forward also holds the MLP's intermediates
+    # that a normal forward would keep.
+    "forward_workspace_hidden": 1,
+    "forward_workspace_ffn_dropout": 1,
+    "forward_workspace_ffn_checkpointed": 2,
+    "grad_workspace_hidden": 1,
+    "grad_workspace_ffn": 1,
+    # The chunked loss (train.causal_lm_loss): forward computes each chunk's fp32 logits and logsumexp (which
+    # makes a temporary of the logits' size), turns the logits into their grad in place and keeps only the
+    # grad of the hidden states; backward scales that grad and scatters it back (hidden-wide tensors).
+    "loss_forward_fp32_vocab": 2,
+    "loss_backward_hidden": 3,
     "allocator_slack": 0.10,  # caching-allocator fragmentation, fraction of the dynamic part
     "cuda_context_bytes": 500 * MB,  # CUDA context + cuBLAS workspace (device cuda)
     "cpu_runtime_bytes": 400 * MB,  # Python + torch + transformers + bitsandbytes imported (device cpu)
@@ -197,11 +210,13 @@ def layer_activation_bytes(
         "attention": k["sdpa_saved_tensors"] * c * (2 * q + 2 * kv) + k["sdpa_lse_fp32_per_head"] * 4 * heads,
         "mlp": k["mlp_ffn_tensors"] * c * f,
     }
-    # LoRA path x -> dropout -> A -> B: A keeps its input, B keeps A's r-wide output.
-    # With dropout each adapter keeps its own dropout output (a bytes) and mask: a bool on CUDA (fused
-    # kernel), a tensor of x's dtype on CPU. Without dropout, adapters reading the same tensor share it:
-    # q/k/v read the first norm's output, gate/up the second's, and o reads SDPA's output (already kept).
-    if dropout > 0 or a != c:
+    # LoRA path x -> dropout -> A -> B. With adapters in the compute dtype, LoRALinear runs base + adapter as
+    # one autograd node (lora._LoRAFunction) that keeps x itself, shared by the adapters that read the same
+    # tensor (q/k/v the first norm's output, gate/up the second's; o reads SDPA's output, already kept), and
+    # A's r-wide output; the dropout mask is drawn again from a seed in backward, so dropout keeps nothing.
+    # Adapters in another dtype run as plain modules: each keeps its own dropout output (a bytes) and mask
+    # (a bool on CUDA, a tensor of x's dtype on CPU).
+    if a != c:
         mask = (1 if device == "cuda" else a) if dropout > 0 else 0
         widths = {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": q, "gate_proj": h, "up_proj": h}
         lora = sum((a + mask) * widths.get(t, f) for t in targets)
@@ -211,6 +226,99 @@ def layer_activation_bytes(
         lora = c * sum(h if name in ("n1", "n2") else f for name in kept)
     terms["lora"] = lora + len(targets) * a * rank
     return terms
+
+
+LOSS_CHUNK_TOKENS = 1024  # train.LOSS_CHUNK_TOKENS (a test keeps them equal): logits exist this many tokens at a time
+
+
+@dataclass
+class Moment:
+    """What lives, beyond weights, adapters and optimizer states, at one moment of a training step."""
+
+    gradients: int
+    activations: int  # the layers' saved activations (or checkpoints) still live
+    loss_kept: int  # what the loss path keeps for backward
+    transient: int
+    transient_what: str
+
+    @property
+    def total(self) -> int:
+        return self.gradients + self.activations + self.loss_kept + self.transient
+
+
+def step_moments(shape: ModelShape, settings: dict, *, n_lora: int) -> dict[str, Moment]:
+    """The candidate peaks of one micro-batch's step; the plan's peak is the largest.
+
+    Backward walks the layers from the last to the first, freeing each layer's activations as it creates its
+    LoRA gradients, so all activations and all gradients are never live together: the peak is at the loss
+    backward or at the first layer processed (activations dominate), or at the end of backward (gradients
+    dominate), or in the optimizer step. With gradient accumulation the previous micro-batches' gradients
+    are live throughout.
+    """
+    k, s, b = ACTIVATION_COEFFS, settings["seq_len"], settings["batch_size"]
+    c, a = DTYPE_BYTES[settings["compute_dtype"]], DTYPE_BYTES[settings["adapter_dtype"]]
+    L, h, f, v, tokens = shape.layers, shape.hidden, shape.ffn, shape.vocab, b * s
+    names, ckpt = _targets(settings["targets"]), settings["checkpointing"]
+    labelled = settings.get("label_tokens")
+    labelled = b * (s - 1) if labelled is None else labelled
+    chunk = min(labelled, LOSS_CHUNK_TOKENS)
+    knobs = dict(c=c, a=a, rank=settings["rank"], targets=names, dropout=settings["lora_dropout"])
+    one_layer = tokens * sum(layer_activation_bytes(shape, **knobs, device=settings["device"]).values())
+    layer_kept = tokens * h * c if ckpt else one_layer
+    acts = L * layer_kept - (0 if ckpt else tokens * first_layer_savings(shape, **knobs, device=settings["device"]))
+    # the final norm's fp32 input + rsqrt, the loss's grad of the labelled hidden states (n x h) and the bool
+    # mask that picked them, rope cos/sin (s x head_dim each, shared by the batch and all layers)
+    loss_kept = tokens * 4 * (h + 1) + labelled * h * c + b * (s - 1) + 2 * s * c * shape.head_dim
+    grads = a * n_lora
+    earlier = grads if settings.get("grad_accumulation", 1) > 1 else 0  # from the previous micro-batches
+    dequant = c * max(o * i for o, i in shape.linears().values())
+
+    drop = settings["lora_dropout"] > 0
+    # one layer's forward beyond what it keeps (see ACTIVATION_COEFFS)
+    fwd_layer = dequant + tokens * c * k["forward_workspace_hidden"] * h
+    fwd_layer += tokens * (c * k["forward_workspace_ffn_dropout"] + 1) * f if drop else 0
+    fwd_layer += tokens * c * k["forward_workspace_ffn_checkpointed"] * f if ckpt else 0
+    fwd = {
+        "one chunk's fp32 logits + logsumexp temporary": k["loss_forward_fp32_vocab"] * 4 * chunk * v
+        + labelled * h * c,  # + the labelled hidden states, gathered
+        "a layer's forward intermediates": fwd_layer,
+    }
+    fwd_what = max(fwd, key=fwd.__getitem__)
+    loss_bwd = k["loss_backward_hidden"] * tokens * h * c  # the scaled grad, the index and slice backwards
+    workspace = tokens * c * (k["grad_workspace_hidden"] * h + k["grad_workspace_ffn"] * f) + tokens * f * drop
+    layer_bwd = dequant + workspace
+    if ckpt:  # the layer is recomputed first (its activations + the forward's own transient), then backward
+        layer_bwd = one_layer + max(layer_bwd, fwd_layer - tokens * c * k["forward_workspace_ffn_checkpointed"] * f)
+    layer_what = ("recomputed layer + " if ckpt else "") + "dequantized weight + working grads"
+    max_tensor = max(max(settings["rank"] * i, o * settings["rank"]) for o, i in shape.linears().values())
+    if settings["optimizer"] == "adamw":  # torch: foreach on CUDA (a temporary per state), per tensor on CPU
+        opt_tmp = a * n_lora if settings["device"] == "cuda" else 3 * a * max_tensor
+    else:  # bitsandbytes: one fused kernel per tensor, in place
+        opt_tmp = 0
+    return {
+        "forward": Moment(earlier, acts, loss_kept, fwd[fwd_what], fwd_what),
+        "loss backward": Moment(earlier, acts, loss_kept, loss_bwd, "the loss's grad scattered back"),
+        # accumulation adds into the existing .grad tensors: no new ones
+        "backward of the last layer": Moment(earlier or grads // L, acts, 0, layer_bwd, layer_what),
+        "backward of the first layer": Moment(grads, layer_kept, 0, layer_bwd, layer_what),
+        "optimizer step": Moment(grads, 0, 0, opt_tmp, "optimizer temporaries"),
+    }
+
+
+def _live(live: int, full: int) -> str:
+    return "" if live == full else f"; at the peak {live / MB:,.1f} of {full / MB:,.1f} MB are still live"
+
+
+def first_layer_savings(
+    shape: ModelShape, *, c: int, a: int, rank: int, targets: tuple[str, ...], dropout: float, device: str
+) -> int:
+    """Bytes per token the first decoder layer keeps less than the others (``layer_activation_bytes``).
+
+    Its input is the frozen embedding's output, which needs no grad: its first RMSNorm keeps nothing
+    (fp32 input, rsqrt), and the dropouts of the adapters reading that norm's output (q, k, v) keep no mask.
+    """
+    mask = (1 if device == "cuda" else a) if dropout > 0 and a != c else 0  # plain-module adapters only
+    return 4 * (shape.hidden + 1) + mask * shape.hidden * len({"q_proj", "k_proj", "v_proj"} & set(targets))
 
 
 # --- the plan ----------------------------------------------------------------------------------------------
@@ -241,10 +349,18 @@ class MemoryPlan:
     gpu_bytes: int | None = None
     pageable_bytes: int = 0  # what a paged optimizer may move to host RAM under pressure
     suggestions: list[Suggestion] = field(default_factory=list)
+    phases: dict[str, int] = field(default_factory=dict)  # planned peak tensor bytes by phase (see phase_bytes)
+    peak_moment: str = ""
 
     @property
     def total(self) -> int:
         return sum(row.bytes for row in self.rows)
+
+    @property
+    def tensor_bytes(self) -> int:
+        """The peak of allocated tensors: what ``torch.cuda.max_memory_allocated`` (or, on CPU, the
+        profiler's count of live tensor bytes) measures; the total less the runtime rows."""
+        return sum(row.bytes for row in self.rows if row.category != "runtime")
 
     @property
     def fits(self) -> bool | None:
@@ -257,7 +373,9 @@ class MemoryPlan:
     def from_json(cls, text: str) -> MemoryPlan:
         d = json.loads(text)
         rows, suggestions = [Row(**r) for r in d["rows"]], [Suggestion(**s) for s in d["suggestions"]]
-        return cls(ModelShape(**d["model"]), d["settings"], rows, d["gpu_bytes"], d["pageable_bytes"], suggestions)
+        plan = cls(ModelShape(**d["model"]), d["settings"], rows, d["gpu_bytes"], d["pageable_bytes"], suggestions)
+        plan.phases, plan.peak_moment = d["phases"], d["peak_moment"]
+        return plan
 
     def title(self) -> str:
         s = self.settings
@@ -341,10 +459,17 @@ def plan_memory(
     adapter_dtype: str = "auto",
     lora_dropout: float = 0.05,
     device: str = "cuda",
+    grad_accumulation: int = 1,
+    label_tokens: int | None = None,
     gpu_bytes: int | None = None,
     suggest: bool = True,
 ) -> MemoryPlan:
-    """Peak memory of one training step of our stack, by category (formulas: docs/memory.md)."""
+    """Peak memory of one training step of our stack, by category (formulas: docs/memory.md).
+
+    ``label_tokens``: labelled positions per micro-batch (the loss computes logits for those only); default
+    ``batch_size * (seq_len - 1)``, every next-token position. ``grad_accumulation`` > 1 keeps the previous
+    micro-batches' gradients live through the next forward and backward.
+    """
     device = "cuda" if device.startswith("cuda") else device
     compute_dtype = ("bf16" if device == "cuda" else "fp32") if compute_dtype == "auto" else compute_dtype
     adapter_dtype = compute_dtype if adapter_dtype == "auto" else adapter_dtype
@@ -363,9 +488,10 @@ def plan_memory(
     targets = targets if isinstance(targets, str) else list(targets)
     settings = dict(seq_len=seq_len, batch_size=batch_size, rank=rank, targets=targets, optimizer=optimizer)
     settings |= dict(checkpointing=checkpointing, compute_dtype=compute_dtype, adapter_dtype=adapter_dtype)
-    settings |= dict(lora_dropout=lora_dropout, device=device)
+    settings |= dict(lora_dropout=lora_dropout, device=device, grad_accumulation=grad_accumulation)
+    settings |= dict(label_tokens=label_tokens)
     c, a, k = DTYPE_BYTES[compute_dtype], DTYPE_BYTES[adapter_dtype], ACTIVATION_COEFFS
-    L, h, v, tokens = shape.layers, shape.hidden, shape.vocab, batch_size * seq_len
+    L, h, tokens = shape.layers, shape.hidden, batch_size * seq_len
     rows: list[Row] = []
 
     def add(category: str, item: str, nbytes: float, note: str) -> None:
@@ -383,44 +509,39 @@ def plan_memory(
     add("weights", "non-quantized weights", c * shape.non_quantized_params + 4 * shape.head_dim, note)
 
     n_lora = lora_param_count(shape, rank, names)
+    opt = _optimizer_bytes(shape, rank, names, optimizer, a)
+    moments = step_moments(shape, settings, n_lora=n_lora)
+    peak = max(moments, key=lambda m: moments[m].total)
+    at = moments[peak]
+
     note = f"{n_lora / 1e6:.1f}M params: A r x in, B out x r on {len(names)} linears x {L} layers"
     add("adapters", "LoRA parameters", a * n_lora, f"{note}, {adapter_dtype}")
-    add("adapters", "LoRA gradients", a * n_lora, f"one .grad per LoRA parameter, {adapter_dtype}")
-    opt = _optimizer_bytes(shape, rank, names, optimizer, a)
+    note = f"{a * n_lora / MB:,.1f} MB in all (one .grad per LoRA parameter, {adapter_dtype}); live at the peak"
+    add("adapters", "LoRA gradients", at.gradients, f"{note}: backward creates them as it frees activations")
     note = "2 uint8 states + fp32 absmax per 256: ~2 B/param" if "8bit" in optimizer else "2 fp32 states: 8 B/param"
     note = f"torch AdamW: 2 states in {adapter_dtype}" if optimizer == "adamw" else note
     if optimizer.startswith("paged"):
         note += "; paged: may all move to host RAM under pressure"
     add("optimizer", f"{optimizer} states", opt, note)
 
-    # Activations kept for backward.
+    # Activations kept for backward, as many as are still live at the peak.
     knobs = dict(c=c, a=a, rank=rank, targets=names, dropout=lora_dropout, device=device)
     terms = layer_activation_bytes(shape, **knobs)
-    one_layer = tokens * sum(terms.values())
     if checkpointing:  # non-reentrant per-layer checkpointing keeps each layer's input, recomputes the rest
-        note = f"{L} layers x b*s*hidden in {compute_dtype}"
-        add("activations", "checkpointed layer inputs", L * tokens * h * c, note)
+        note = f"{L} layers x b*s*hidden in {compute_dtype}" + _live(at.activations, L * tokens * h * c)
+        add("activations", "checkpointed layer inputs", at.activations, note)
     else:
         detail = ", ".join(f"{name} {b * tokens / MB:,.1f}" for name, b in terms.items())
-        add("activations", "saved activations", L * one_layer, f"{L} layers x ({detail}) MB")
-    # logits (compute dtype, held by the output) + fp32 log-probs and int64 targets kept by cross entropy;
-    # the final norm's fp32 input; RoPE cos/sin (s x head_dim each, shared by the batch and all layers).
-    note = f"b*s*vocab logits in {compute_dtype} + fp32 log-probs for the loss, final norm, rope cos/sin"
-    logits = tokens * (v * (c + 4) + 8 + 4 * (h + 1)) + 2 * seq_len * c * shape.head_dim
-    add("activations", "logits + loss", logits, note)
-
-    # The largest short-lived allocation: the loss backward, or one layer's backward (its recomputed
-    # activations under checkpointing, one dequantized weight, the working gradients).
-    dequant = c * max(o * i for o, i in shape.linears().values())
-    workspace = tokens * c * (k["grad_workspace_hidden"] * h + k["grad_workspace_ffn"] * shape.ffn)
-    layer_backward = "layer backward (" + ("recomputed layer + " if checkpointing else "")
-    candidates = {
-        "loss backward (fp32 grads of the logits)": k["loss_backward_fp32_vocab"] * 4 * tokens * v,
-        layer_backward + "dequantized weight + grads)": dequant + workspace + checkpointing * one_layer,
-    }
-    which = max(candidates, key=candidates.__getitem__)
-    other = ", ".join(f"{n} {b / MB:,.0f} MB" for n, b in candidates.items() if n != which)
-    add("transient", "largest transient", candidates[which], f"{which}; other: {other}")
+        note = f"{L} layers x ({detail}) MB, less what layer 0 keeps not (its input needs no grad)"
+        note += _live(at.activations, moments["forward"].activations)
+        add("activations", "saved activations", at.activations, note)
+    note = (
+        "chunked loss: the grad of the labelled tokens' hidden states (computed in forward), the final norm's "
+        "fp32 input, rope cos/sin (logits exist one chunk at a time: transient)"
+    )
+    add("activations", "logits + loss", at.loss_kept, note + _live(at.loss_kept, moments["forward"].loss_kept))
+    other = ", ".join(f"{m} {(moments[m].total - at.total) / MB:+,.1f} MB" for m in moments if m != peak)
+    add("transient", "largest transient", at.transient, f"peak in {peak}: {at.transient_what}; other moments: {other}")
 
     # Fragmentation hits what is allocated and freed every step: gradients, activations, transients.
     dynamic = sum(r.bytes for r in rows if r.category in ("activations", "transient") or "gradients" in r.item)
@@ -432,9 +553,31 @@ def plan_memory(
         add("runtime", "process runtime", k["cpu_runtime_bytes"], "assumed: Python + torch + libraries (RSS)")
 
     plan = MemoryPlan(shape, settings, rows, gpu_bytes, opt if optimizer.startswith("paged") else 0)
+    plan.peak_moment = peak
+    plan.phases = phase_bytes(plan, moments)
     if suggest and plan.fits is False:
         plan.suggestions = _suggestions(plan)
     return plan
+
+
+def phase_bytes(plan: MemoryPlan, moments: dict[str, Moment]) -> dict[str, int]:
+    """Planned peak tensor bytes of each phase ``qlora-kit profile`` measures (no runtime rows).
+
+    load: the weights and the adapters. The loader's working set (one source tensor, read into a host
+    buffer, and its quantizer's slice temporaries) is not planned: bench/load_memory.py measures it. The
+    step's phases: weights + adapters + optimizer states (allocated by the first optimizer step, live from
+    then on) + the phase's largest moment.
+    """
+    by_item = {row.item: row.bytes for row in plan.rows}
+    weights = sum(row.bytes for row in plan.rows if row.category == "weights") + by_item["LoRA parameters"]
+    fixed = weights + next(row.bytes for row in plan.rows if row.category == "optimizer")
+    backward = ("loss backward", "backward of the last layer", "backward of the first layer")
+    return {
+        "load": weights,
+        "forward": fixed + moments["forward"].total,
+        "backward": fixed + max(moments[m].total for m in backward),
+        "optimizer step": fixed + moments["optimizer step"].total,
+    }
 
 
 def _suggestions(plan: MemoryPlan) -> list[Suggestion]:
@@ -555,6 +698,7 @@ def plan_main(argv: list[str] | None = None) -> int:
     p.add_argument("--compute-dtype", default="auto", choices=("auto", *DTYPE_BYTES), help="auto: bf16 on cuda")
     p.add_argument("--adapter-dtype", default="auto", choices=("auto", *DTYPE_BYTES), help="auto: compute")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--accum", type=int, default=1, help="gradient accumulation steps (> 1 keeps gradients live)")
     p.add_argument("--gpu", help="memory to fit in: 24GB, 48GB, 80GB (as GiB: 24GB = 24 x 2^30) or bytes")
     p.add_argument("--max", choices=("batch", "seq"), help="print the largest batch or seq that fits in --gpu")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -574,6 +718,7 @@ def plan_main(argv: list[str] | None = None) -> int:
     knobs = dict(seq_len=args.seq, batch_size=args.batch, rank=args.rank, targets=args.targets)
     knobs |= dict(optimizer=args.optimizer, checkpointing=args.checkpointing == "on", device=args.device)
     knobs |= dict(compute_dtype=args.compute_dtype, adapter_dtype=args.adapter_dtype, lora_dropout=args.dropout)
+    knobs |= dict(grad_accumulation=args.accum)
     shape = model_shape(args.model)
     if args.max:
         best = max_fitting(shape, gpu, vary=args.max, **knobs)

@@ -10,7 +10,7 @@ from torch import nn
 
 from qlora_kit.errors import QloraKitError
 from qlora_kit.loading import load_model
-from qlora_kit.lora import LoRALinear, add_lora, lora_layers, set_lora_enabled
+from qlora_kit.lora import LoRALinear, add_lora, dropout_mask, lora_layers, set_lora_enabled
 from qlora_kit.quant import NF4Linear
 
 
@@ -133,3 +133,44 @@ def test_all_linear_never_adapts_lm_head(tiny_llama_dir):
     add_lora(model, "all-linear", r=4, alpha=8)
     assert isinstance(model.lm_head, nn.Linear) and not isinstance(model.lm_head, LoRALinear)
     assert not model.lm_head.weight.requires_grad
+
+
+def test_dropout_path_matches_plain_autograd_and_saves_no_copies():
+    """The fused LoRA node (base + adapter in one) gives plain autograd's output and gradients for the same
+    dropout mask, and keeps no dropped copy of x and no mask: backward draws the mask again from its seed."""
+    torch.manual_seed(0)
+    base = NF4Linear.from_weight(torch.randn(96, 160) * 0.05, torch.randn(96))
+    layer = LoRALinear(base, r=8, alpha=16, dropout=0.3).train()
+    nn.init.normal_(layer.lora_b.weight, std=0.1)
+    x = torch.randn(4, 9, 160, requires_grad=True)
+    saved: list[torch.Tensor] = []
+    torch.manual_seed(123)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x)
+    (y**2).mean().backward()
+    fused = (y.detach(), x.grad, layer.lora_a.weight.grad, layer.lora_b.weight.grad)
+    assert [t for t in saved if t.numel() >= x.numel() and t.data_ptr() != x.data_ptr()] == []
+
+    torch.manual_seed(123)  # the seed the layer drew, and its mask
+    mask, keep_scale = dropout_mask(torch.Size((36, 160)), 0.3, int(torch.randint(2**62, ())), x.device)
+    assert 0.25 < mask.float().mean() < 0.35 and keep_scale == pytest.approx(1 / 0.7, rel=1e-4)
+    xr = x.detach().clone().requires_grad_(True)
+    a = layer.lora_a.weight.detach().clone().requires_grad_(True)
+    b = layer.lora_b.weight.detach().clone().requires_grad_(True)
+    dropped = (xr.reshape(36, 160) * keep_scale).masked_fill(mask, 0)
+    yr = base(xr) + layer.scaling * (dropped @ a.t() @ b.t()).view(4, 9, 96)
+    (yr**2).mean().backward()
+    for ours, reference in zip(fused, (yr.detach(), xr.grad, a.grad, b.grad), strict=True):
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_lora_gradcheck():
+    from qlora_kit.lora import _LoRAFunction
+
+    dense = nn.Linear(6, 5).double().requires_grad_(False)
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
+    for p in (0.0, 0.4):
+        fn = lambda x, a, b, p=p: _LoRAFunction.apply(x, a, b, dense, dense.bias, 1.5, p, 77)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (x, a, b))

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from qlora_kit.checkpoint import list_checkpoints
 from qlora_kit.config import load_config
@@ -165,3 +166,26 @@ def test_lr_schedules():
     assert lr_lambda("constant", 3, 10)(9) == 1.0
     assert lr_lambda("cosine", 3, 10)(10) == pytest.approx(0.0)
     assert lr_lambda("linear", 3, 10)(10) == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_loss_equals_cross_entropy(monkeypatch, dtype):
+    """causal_lm_loss's lm_head + loss node: F.cross_entropy's value and gradients, over several chunks."""
+    import torch.nn.functional as F
+
+    from qlora_kit import train as train_module
+
+    monkeypatch.setattr(train_module, "LOSS_CHUNK_TOKENS", 7)
+    torch.manual_seed(0)
+    hidden = torch.randn(30, 16).to(dtype).requires_grad_(True)
+    weight = (torch.randn(50, 16) * 0.5).to(dtype).requires_grad_(True)
+    targets = torch.randint(0, 50, (30,))
+    loss = train_module._LinearCrossEntropy.apply(hidden, weight, targets)
+    (0.5 * loss).backward()
+    ours = (loss.detach(), hidden.grad, weight.grad)
+    hidden.grad = weight.grad = None
+    reference = F.cross_entropy((hidden @ weight.t()).float(), targets, reduction="sum")
+    (0.5 * reference).backward()
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    for a, b in zip(ours, (reference.detach(), hidden.grad, weight.grad), strict=True):
+        torch.testing.assert_close(a.float(), b.float(), **tol)

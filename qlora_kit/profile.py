@@ -1,0 +1,422 @@
+"""Measured memory: ``qlora-kit profile RECIPE`` runs a few real training steps and reports the peak of
+each phase (load, forward, backward, optimizer step) beside the planner's prediction.
+
+How memory is measured (``measure_phases``):
+
+- CUDA: ``torch.cuda.reset_peak_memory_stats`` before each phase, ``torch.cuda.max_memory_allocated`` after.
+- CPU: the real tensor allocations, not RSS. The bytes live when measuring starts are counted exactly
+  (``live_tensor_bytes``: every distinct CPU storage of every tensor the garbage collector knows); then
+  ``torch.profiler`` with ``profile_memory=True`` records every allocation and free of torch's CPU
+  allocator (its ``[memory]`` events, +bytes / -bytes); the running sum of those events on top of the
+  starting bytes is the live total at every moment, and its maximum within a phase is the phase's peak.
+  The phases of one step run in one profiler session (a block freed in backward was allocated in
+  forward, so it must be seen being allocated), split by ``record_function`` markers. The method is
+  checked by ``tests/test_memory_measured.py`` against known allocations, and on every run by
+  ``drift``: starting bytes + the events' net sum must equal the live bytes counted again at the end.
+
+Peak RSS (the process's high-water mark so far, ``ru_maxrss``) is reported beside it, for information.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import resource
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+MB = 10**6
+PHASES = ("load", "forward", "backward", "optimizer step")
+
+
+# --- measuring ---------------------------------------------------------------------------------------------
+
+
+def live_tensor_bytes(device: str = "cpu") -> int:
+    """Bytes of every distinct storage on ``device`` held by a tensor the garbage collector tracks."""
+    storages: dict[int, int] = {}
+    with warnings.catch_warnings():  # isinstance() on deprecated module-level objects warns
+        warnings.simplefilter("ignore")
+        objects = gc.get_objects()
+        tensors = [obj for obj in objects if isinstance(obj, torch.Tensor)]
+    del objects
+    for obj in tensors:
+        if obj.device.type == device and obj.layout == torch.strided:
+            try:
+                storage = obj.untyped_storage()
+            except (RuntimeError, NotImplementedError):  # e.g. a tensor subclass without real storage
+                continue
+            if storage.data_ptr():
+                storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0), storage.nbytes())
+    return sum(storages.values())
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+@dataclass
+class PhaseMemory:
+    name: str
+    peak: int  # bytes: the highest live total during the phase
+    start: int  # live bytes when the phase began
+    end: int  # live bytes when it ended
+    peak_rss: int  # process peak RSS so far (information: includes the runtime, the allocator's free lists)
+    seconds: float = 0.0
+
+
+@dataclass
+class Measurement:
+    device: str
+    phases: list[PhaseMemory] = field(default_factory=list)
+    drift: int = 0  # CPU: end bytes counted again minus end bytes from the events (0 when nothing escaped)
+
+    def __getitem__(self, name: str) -> PhaseMemory:
+        return next(p for p in self.phases if p.name == name)
+
+    @property
+    def peak(self) -> int:
+        return max(p.peak for p in self.phases)
+
+
+def measure_phases(
+    phases: Sequence[tuple[str, Callable[[], object]]], device: str | torch.device = "cpu"
+) -> Measurement:
+    """Run ``phases`` (name, callable) in order and measure each one's peak of live tensor bytes."""
+    device = torch.device(device).type
+    if device == "cuda":
+        return _measure_cuda(phases)
+    return _measure_cpu(phases)
+
+
+def _measure_cuda(phases: Sequence[tuple[str, Callable[[], object]]]) -> Measurement:
+    result = Measurement("cuda")
+    for name, fn in phases:
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        began = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - began
+        peak, end = torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated()
+        result.phases.append(PhaseMemory(name, peak, start, end, peak_rss_bytes(), seconds))
+    return result
+
+
+def _memory_events(prof) -> tuple[list[tuple[int, int]], dict[str, tuple[int, int]]]:
+    """(time ns, +/- bytes) of every CPU allocator event, and (start, end) ns of each phase marker."""
+    events = prof.profiler.kineto_results.events()
+    memory = sorted(
+        (e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]" and e.device_type().name == "CPU"
+    )
+    markers = {e.name(): (e.start_ns(), e.end_ns()) for e in events if e.name().startswith("phase: ")}
+    return memory, markers
+
+
+def _measure_cpu(phases: Sequence[tuple[str, Callable[[], object]]]) -> Measurement:
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    gc.collect()
+    start = live_tensor_bytes()
+    timings, rss = {}, {}
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        for name, fn in phases:
+            began = time.perf_counter()
+            with record_function(f"phase: {name}"):
+                fn()
+            timings[name], rss[name] = time.perf_counter() - began, peak_rss_bytes()
+    events, markers = _memory_events(prof)
+    result = Measurement("cpu")
+    level, i = start, 0
+    for name, _ in phases:
+        begin, end = markers[f"phase: {name}"]
+        while i < len(events) and events[i][0] < begin:  # between phases (the loop's own bookkeeping)
+            level += events[i][1]
+            i += 1
+        phase_start = peak = level
+        while i < len(events) and events[i][0] <= end:
+            level += events[i][1]
+            peak = max(peak, level)
+            i += 1
+        result.phases.append(PhaseMemory(name, peak, phase_start, level, rss[name], timings[name]))
+    level += sum(n for _, n in events[i:])
+    gc.collect()
+    result.drift = live_tensor_bytes() - level
+    return result
+
+
+def measure_training_step(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    max_grad_norm: float = 0.0,
+) -> Measurement:
+    """One micro-batch step of ``train.train`` (loss, backward, clip, optimizer step, zero grads), measured."""
+    from qlora_kit.train import causal_lm_loss
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state: dict[str, object] = {}
+
+    def forward() -> None:
+        state["loss"], state["n"] = causal_lm_loss(model, batch)
+
+    def backward() -> None:
+        (state.pop("loss") / max(state["n"], 1)).backward()
+
+    def optimizer_step() -> None:
+        if max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    device = next(iter(batch.values())).device
+    return measure_phases([("forward", forward), ("backward", backward), ("optimizer step", optimizer_step)], device)
+
+
+# --- qlora-kit profile ---------------------------------------------------------------------------------------
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+@dataclass
+class PhaseRow:
+    phase: str
+    measured: int  # bytes, the highest over the profiled steps
+    planned: int  # bytes, the plan of the batch the measured peak came from
+    peak_rss: int
+
+    @property
+    def ratio(self) -> float:
+        return self.planned / max(self.measured, 1)
+
+
+def profile_run(cfg, steps: int = 3) -> dict:
+    """Load the recipe's model, run ``steps`` real optimizer steps (one micro-batch each), measure by phase."""
+    from qlora_kit.data import IGNORE_INDEX, prepare_data
+    from qlora_kit.loading import load_model, load_tokenizer, resolve_device, resolve_dtype
+    from qlora_kit.lora import add_lora
+    from qlora_kit.memory import plan_memory, shape_from_config
+    from qlora_kit.train import make_batch_plan, make_optimizer
+
+    tc = cfg.train
+    device = resolve_device(cfg.model.device)
+    dtype = resolve_dtype(cfg.model.compute_dtype, device)
+    adapter_dtype = dtype if cfg.lora.adapter_dtype == "auto" else resolve_dtype(cfg.lora.adapter_dtype, device)
+    torch.manual_seed(tc.seed)
+    data = prepare_data(cfg.data, load_tokenizer(cfg.model.name_or_path), verbose=False)
+    loaded: dict[str, torch.nn.Module] = {}
+
+    def load() -> None:
+        model = load_model(cfg.model.name_or_path, device=device, dtype=dtype)
+        add_lora(
+            model, cfg.lora.targets, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.use_rslora, adapter_dtype
+        )
+        loaded["model"] = model
+
+    load_measured = measure_phases([("load", load)], device)
+    model = loaded.pop("model")
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    batches = make_batch_plan(cfg, data)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(tc.optimizer, params, tc, device)  # "auto": the same rule as the planner's
+    shape = shape_from_config(model.config, name=Path(model.name_or_path).name)
+    knobs = dict(rank=cfg.lora.r, targets=cfg.lora.targets, optimizer=tc.optimizer, device=device.type)
+    knobs |= dict(checkpointing=cfg.model.gradient_checkpointing, lora_dropout=cfg.lora.dropout)
+    knobs |= dict(compute_dtype=DTYPE_NAMES[dtype], adapter_dtype=DTYPE_NAMES[adapter_dtype])
+
+    records = []
+    for step in range(1, steps + 1):
+        batch = {k: v.to(device) for k, v in batches.next_batch().items()}
+        rows, width = batch["input_ids"].shape
+        labelled = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        measured = measure_training_step(model, batch, optimizer, tc.max_grad_norm)
+        del batch
+        plan = plan_memory(shape, seq_len=width, batch_size=rows, label_tokens=labelled, **knobs, suggest=False)
+        planned = dict(plan.phases)
+        if step == 1:  # the optimizer's states are allocated by the first optimizer step, not before it
+            states = next(r.bytes for r in plan.rows if r.category == "optimizer")
+            planned["forward"] -= states
+            planned["backward"] -= states
+        records.append(
+            {
+                "step": step,
+                "seq_len": width,
+                "batch_size": rows,
+                "label_tokens": labelled,
+                "measured": measured,
+                "plan": plan,
+                "planned": planned,
+            }
+        )
+
+    phases = [
+        PhaseRow("load", load_measured["load"].peak, records[0]["plan"].phases["load"], load_measured["load"].peak_rss)
+    ]
+    for name in PHASES[1:]:
+        best = max(records, key=lambda r: r["measured"][name].peak)
+        phases.append(
+            PhaseRow(name, best["measured"][name].peak, best["planned"][name], best["measured"][name].peak_rss)
+        )
+    peak_record = max(records, key=lambda r: r["measured"].peak)
+    return {
+        "recipe": cfg,
+        "device": device.type,
+        "phases": phases,
+        "steps": records,
+        "plan": peak_record["plan"],
+        "load": load_measured,
+    }
+
+
+def _table(result: dict) -> list[tuple[str, str, str, str, str]]:
+    rows = [
+        (p.phase, f"{p.measured / MB:,.1f}", f"{p.planned / MB:,.1f}", f"{p.ratio:.3f}", f"{p.peak_rss / MB:,.0f}")
+        for p in result["phases"]
+    ]
+    step = [p for p in result["phases"] if p.phase != "load"]
+    measured = max(p.measured for p in step)
+    planned = result["plan"].tensor_bytes
+    rows.append(
+        (
+            "training step (peak)",
+            f"{measured / MB:,.1f}",
+            f"{planned / MB:,.1f}",
+            f"{planned / measured:.3f}",
+            f"{max(p.peak_rss for p in step) / MB:,.0f}",
+        )
+    )
+    return rows
+
+
+HEADER = ("phase", "measured MB", "planned MB", "planned/measured", "peak RSS MB")
+
+
+def format_table(result: dict) -> str:
+    cells = [HEADER, *_table(result)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(HEADER))]
+    lines = [
+        "  ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+        for row in cells
+    ]
+    return "\n".join(lines)
+
+
+def _method(device: str) -> str:
+    if device == "cuda":
+        return "torch.cuda.max_memory_allocated per phase (reset_peak_memory_stats before each)"
+    return (
+        "live CPU tensor bytes: exact count of the storages live at the start + the running sum of "
+        "torch.profiler's allocator events (profile_memory=True); peak RSS is the process high-water mark"
+    )
+
+
+def write_outputs(result: dict, out: Path) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    plan = result["plan"]
+    steps = [
+        {
+            "step": r["step"],
+            "seq_len": r["seq_len"],
+            "batch_size": r["batch_size"],
+            "label_tokens": r["label_tokens"],
+            "drift_bytes": r["measured"].drift,
+            "phases": {
+                p.name: {
+                    "measured": p.peak,
+                    "start": p.start,
+                    "end": p.end,
+                    "peak_rss": p.peak_rss,
+                    "seconds": round(p.seconds, 3),
+                    "planned": r["planned"][p.name],
+                }
+                for p in r["measured"].phases
+            },
+        }
+        for r in result["steps"]
+    ]
+    data = {
+        "device": result["device"],
+        "method": _method(result["device"]),
+        "phases": [{**asdict(p), "ratio": round(p.ratio, 4)} for p in result["phases"]],
+        "step_peak": {"measured": max(r["measured"].peak for r in result["steps"]), "planned": plan.tensor_bytes},
+        "steps": steps,
+        "plan": json.loads(plan.to_json()),
+    }
+    paths = {"json": out / "profile.json", "md": out / "profile.md", "png": out / "profile.png"}
+    paths["json"].write_text(json.dumps(data, indent=2) + "\n")
+    md = [
+        "# Memory profile: measured vs planned",
+        "",
+        f"Device: {result['device']}. Measured: {_method(result['device'])}.",
+        f"{len(steps)} steps of one micro-batch each; the planned figure is the plan for the batch of the measured "
+        "peak (its sequence length, batch size and labelled tokens).",
+        "",
+        "| " + " | ".join(HEADER) + " |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    md += ["| " + " | ".join(row) + " |" for row in _table(result)]
+    md += ["", "## The plan (peak of the step)", "", plan.to_markdown(), ""]
+    paths["md"].write_text("\n".join(md))
+    _chart(result, paths["png"])
+    return paths
+
+
+def _chart(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    phases, plan = result["phases"], result["plan"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    x = range(len(phases))
+    left.bar([i - 0.2 for i in x], [p.measured / MB for p in phases], 0.4, label="measured")
+    left.bar([i + 0.2 for i in x], [p.planned / MB for p in phases], 0.4, label="planned")
+    left.set_xticks(list(x), [p.phase for p in phases])
+    left.set_ylabel("MB (peak of allocated tensors)")
+    left.set_title(f"peak memory by phase ({result['device']})")
+    left.legend()
+    bottom = 0.0
+    for row in plan.rows:
+        if row.category != "runtime" and row.bytes > 0:
+            right.bar(0, row.bytes / MB, 0.5, bottom=bottom, label=f"{row.item} {row.bytes / MB:,.1f}")
+            bottom += row.bytes / MB
+    right.set_xticks([0], ["planned step peak"])
+    right.set_ylabel("MB")
+    right.set_title(f"planner categories ({plan.peak_moment})", fontsize=9)
+    right.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def profile_main(argv: list[str] | None = None) -> int:
+    from qlora_kit.config import load_config
+
+    p = argparse.ArgumentParser(
+        prog="qlora-kit profile",
+        description="Run a few real training steps of a recipe and report measured peak memory by phase "
+        "(load, forward, backward, optimizer step) next to the planner's prediction.",
+    )
+    p.add_argument("recipe", help="YAML recipe, e.g. recipes/smollm2_alpaca.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.micro_batch_size=2 data.cutoff_len=64")
+    p.add_argument("--steps", type=int, default=3, help="optimizer steps of one micro-batch each (default 3)")
+    p.add_argument("--out", help="where profile.json/.md/.png go (default: the recipe's output.dir)")
+    args = p.parse_args(argv)
+    if args.steps < 1:
+        p.error("--steps must be at least 1")
+    cfg = load_config(args.recipe, args.overrides)
+    result = profile_run(cfg, args.steps)
+    paths = write_outputs(result, Path(args.out or cfg.output.dir))
+    print(format_table(result))
+    print(f"wrote {', '.join(str(path) for path in paths.values())}")
+    return 0
