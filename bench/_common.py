@@ -224,3 +224,18 @@ def write_synthetic_llama(model_dir: Path, shape: dict[str, Any], shard_bytes: i
         print(f"  wrote {filename}", flush=True)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (model_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def load_reference_nf4(model_dir: str | Path, dtype, device_map: Any):
+    """The reference stack's QLoRA base: transformers + bitsandbytes NF4 with double quantization."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+    )
+    return AutoModelForCausalLM.from_pretrained(
+        model_dir, quantization_config=quantization, dtype=dtype, device_map=device_map
+    )

@@ -36,6 +36,7 @@ from _common import (
     MB,
     RssSampler,
     busy_machine_note,
+    load_reference_nf4,
     markdown_table,
     peak_rss_bytes,
     rss_bytes,
@@ -86,7 +87,7 @@ def measure(route: str, dtype_name: str, model_dir: Path) -> dict[str, Any]:
     # Everything either route imports is imported before the baseline, so the figure is the load alone.
     import bitsandbytes  # noqa: F401
     import transformers.models.llama.modeling_llama  # noqa: F401
-    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig  # noqa: F401 (before the baseline)
 
     from qlora_kit.loading import checkpoint_index, load_model
     from qlora_kit.quant import quantized_bytes
@@ -111,15 +112,7 @@ def measure(route: str, dtype_name: str, model_dir: Path) -> dict[str, Any]:
             if route == "ours":
                 model = load_model(model_dir, device="cpu", dtype=dtype)
             else:
-                quantization = BitsAndBytesConfig(
-                    load_in_4bit=True,
-                    bnb_4bit_quant_type="nf4",
-                    bnb_4bit_use_double_quant=True,
-                    bnb_4bit_compute_dtype=dtype,
-                )
-                model = AutoModelForCausalLM.from_pretrained(
-                    model_dir, quantization_config=quantization, dtype=dtype, device_map="cpu"
-                )
+                model = load_reference_nf4(model_dir, dtype, device_map="cpu")
         except Exception as e:  # the usual route may not support this setup; that is a result too
             result["error"] = f"{type(e).__name__}: {e}"[:2000]
             return result

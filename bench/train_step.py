@@ -53,7 +53,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import MB, busy_machine_note, markdown_table, save_results, write_synthetic_llama
+from _common import MB, busy_machine_note, load_reference_nf4, markdown_table, save_results, write_synthetic_llama
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_DATA = REPO / "recipes" / "data" / "text_tools_train.jsonl"
@@ -180,17 +180,8 @@ def build_ours(model_dir: str, device, dtype, checkpointing: bool):
 
 def build_reference(model_dir: str, device, dtype, checkpointing: bool):
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    quantization = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=dtype,
-    )
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, quantization_config=quantization, dtype=dtype, device_map={"": str(device)}
-    )
+    model = load_reference_nf4(model_dir, dtype, device_map={"": str(device)})
     # As every QLoRA training script does: with the default use_cache=True the model builds a KV cache in
     # training (memory for nothing), and transformers then ignores packed position ids (no per-example mask).
     model.config.use_cache = False
