@@ -194,6 +194,7 @@ def test_smollm2_in_nf4_knows_paris_and_keeps_perplexity(smollm2_dir):
         f"transformers+bnb nf4 {ppl_reference:.3f}"
     )
     assert ppl_4bit == pytest.approx(ppl_reference, rel=1e-3)
-    # Measured x1.262 (fp32 6.209, nf4 7.835): this 135M model, itself dequantized from a Q4_1 GGUF, loses
-    # more to NF4 than 7B-class models do; the 15% goal is met in loss (x1.13), not in perplexity.
+    # Measured x1.262 (fp32 6.209, nf4 7.835). NF4's relative weight error here is 9.4%, as on Gaussian
+    # weights (9.2%): a 135M model is just more sensitive to it than 7B-class models; the 15% goal is met in
+    # loss (x1.13), not in perplexity.
     assert ppl_4bit / ppl_fp32 < 1.30
