@@ -182,8 +182,6 @@ def measure_training_step(
 
 # --- qlora-kit profile ---------------------------------------------------------------------------------------
 
-DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
 
 @dataclass
 class PhaseRow:
@@ -200,30 +198,21 @@ class PhaseRow:
 def profile_run(cfg, steps: int = 3) -> dict:
     """Load the recipe's model, run ``steps`` real optimizer steps (one micro-batch each), measure by phase."""
     from qlora_kit.data import IGNORE_INDEX, prepare_data
-    from qlora_kit.loading import load_model, load_tokenizer, resolve_device, resolve_dtype
-    from qlora_kit.lora import add_lora
+    from qlora_kit.loading import DTYPES, load_tokenizer
     from qlora_kit.memory import plan_memory, shape_from_config
-    from qlora_kit.train import make_batch_plan, make_optimizer
+    from qlora_kit.train import load_lora_model, make_batch_plan, make_optimizer, resolve_run_dtypes
 
     tc = cfg.train
-    device = resolve_device(cfg.model.device)
-    dtype = resolve_dtype(cfg.model.compute_dtype, device)
-    adapter_dtype = dtype if cfg.lora.adapter_dtype == "auto" else resolve_dtype(cfg.lora.adapter_dtype, device)
+    device, dtype, adapter_dtype = resolve_run_dtypes(cfg)
     torch.manual_seed(tc.seed)
     data = prepare_data(cfg.data, load_tokenizer(cfg.model.name_or_path), verbose=False)
     loaded: dict[str, torch.nn.Module] = {}
 
     def load() -> None:
-        model = load_model(cfg.model.name_or_path, device=device, dtype=dtype)
-        add_lora(
-            model, cfg.lora.targets, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.use_rslora, adapter_dtype
-        )
-        loaded["model"] = model
+        loaded["model"], _ = load_lora_model(cfg, device, dtype, adapter_dtype)
 
     load_measured = measure_phases([("load", load)], device)
     model = loaded.pop("model")
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     batches = make_batch_plan(cfg, data)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -231,7 +220,8 @@ def profile_run(cfg, steps: int = 3) -> dict:
     shape = shape_from_config(model.config, name=Path(model.name_or_path).name)
     knobs = dict(rank=cfg.lora.r, targets=cfg.lora.targets, optimizer=tc.optimizer, device=device.type)
     knobs |= dict(checkpointing=cfg.model.gradient_checkpointing, lora_dropout=cfg.lora.dropout)
-    knobs |= dict(compute_dtype=DTYPE_NAMES[dtype], adapter_dtype=DTYPE_NAMES[adapter_dtype])
+    dtype_names = {value: name for name, value in DTYPES.items()}
+    knobs |= dict(compute_dtype=dtype_names[dtype], adapter_dtype=dtype_names[adapter_dtype])
 
     records = []
     for step in range(1, steps + 1):

@@ -31,7 +31,7 @@ from qlora_kit.config import RunConfig, to_dict, to_yaml
 from qlora_kit.data import IGNORE_INDEX, BatchPlan, PreparedData, alpaca_prompt, eval_batches, prepare_data
 from qlora_kit.errors import QloraKitError
 from qlora_kit.loading import load_model, load_tokenizer, resolve_device, resolve_dtype
-from qlora_kit.lora import add_lora
+from qlora_kit.lora import LoRAReport, add_lora
 
 LOSS_CHUNK_TOKENS = 1024  # logits are materialized for this many tokens at a time (see causal_lm_loss)
 
@@ -147,6 +147,26 @@ def make_optimizer(name: str, params: list[nn.Parameter], cfg, device: torch.dev
     return classes[name](params, **kwargs)
 
 
+def resolve_run_dtypes(cfg: RunConfig) -> tuple[torch.device, torch.dtype, torch.dtype]:
+    """The compute device, compute dtype and adapter dtype the recipe resolves to on this machine."""
+    device = resolve_device(cfg.model.device)
+    dtype = resolve_dtype(cfg.model.compute_dtype, device)
+    adapter_dtype = dtype if cfg.lora.adapter_dtype == "auto" else resolve_dtype(cfg.lora.adapter_dtype, device)
+    return device, dtype, adapter_dtype
+
+
+def load_lora_model(
+    cfg: RunConfig, device: torch.device, dtype: torch.dtype, adapter_dtype: torch.dtype
+) -> tuple[nn.Module, LoRAReport]:
+    """The recipe's 4-bit model with its LoRA adapters (and gradient checkpointing if asked): what fit trains."""
+    model = load_model(cfg.model.name_or_path, device=device, dtype=dtype)
+    lc = cfg.lora
+    report = add_lora(model, lc.targets, lc.r, lc.alpha, lc.dropout, lc.use_rslora, adapter_dtype)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, report
+
+
 def make_batch_plan(cfg: RunConfig, data: PreparedData) -> BatchPlan:
     """The order of training micro-batches the recipe asks for (resumable: ``BatchPlan.state_dict``)."""
     return BatchPlan(
@@ -230,23 +250,16 @@ def train(cfg: RunConfig) -> TrainResult:
     tc = cfg.train
 
     # setup ------------------------------------------------------------------------------------------
-    device = resolve_device(cfg.model.device)
-    dtype = resolve_dtype(cfg.model.compute_dtype, device)
-    adapter_dtype = dtype if cfg.lora.adapter_dtype == "auto" else resolve_dtype(cfg.lora.adapter_dtype, device)
+    device, dtype, adapter_dtype = resolve_run_dtypes(cfg)
     random.seed(tc.seed)
     torch.manual_seed(tc.seed)
     resume_from = find_resume_checkpoint(tc.resume, out)
 
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     data = prepare_data(cfg.data, tokenizer)
-    model = load_model(cfg.model.name_or_path, device=device, dtype=dtype)
+    model, report = load_lora_model(cfg, device, dtype, adapter_dtype)
     base_name = cfg.model.name_or_path
-    report = add_lora(
-        model, cfg.lora.targets, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.use_rslora, adapter_dtype
-    )
     print(report)
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     plan = make_batch_plan(cfg, data)
     accum = tc.gradient_accumulation_steps
