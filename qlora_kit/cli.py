@@ -34,7 +34,7 @@ def train_main(argv: list[str] | None = None) -> int:
     parser.add_argument("recipe", help="YAML recipe, e.g. recipes/smollm2_alpaca.yaml")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lora.r=8 train.max_steps=10")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides may follow options
     cfg = load_config(args.recipe, args.overrides)
     if args.print_config:
         print(to_yaml(cfg))

@@ -401,7 +401,7 @@ def profile_main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.micro_batch_size=2 data.cutoff_len=64")
     p.add_argument("--steps", type=int, default=3, help="optimizer steps of one micro-batch each (default 3)")
     p.add_argument("--out", help="where profile.json/.md/.png go (default: the recipe's output.dir)")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # key=value overrides may follow options
     if args.steps < 1:
         p.error("--steps must be at least 1")
     cfg = load_config(args.recipe, args.overrides)

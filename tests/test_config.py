@@ -421,3 +421,16 @@ def test_help_lists_every_key_with_type_default_and_docstring():
     assert "data.val_path  (str | None, default: null)" in text
     assert "lora.targets  (list[str] | str, default: all-linear)" in text
     assert max(len(line) for line in text.splitlines()) <= 110
+
+
+def test_cli_overrides_may_come_before_or_after_options(capsys):
+    from qlora_kit.cli import main
+
+    recipe = str(Path(__file__).parent.parent / "recipes" / "smollm2_alpaca.yaml")
+    for argv in (
+        ["train", recipe, "train.max_steps=3", "--print-config"],
+        ["train", recipe, "--print-config", "train.max_steps=3", "lora.r=4"],
+    ):
+        assert main(argv) == 0
+        printed = yaml.safe_load(capsys.readouterr().out)
+        assert printed["train"]["max_steps"] == 3, argv
