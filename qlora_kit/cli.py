@@ -7,6 +7,8 @@ into a one-paragraph message and exit status 2 (no traceback soup for bad input)
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 
 from qlora_kit.errors import QloraKitError
@@ -28,7 +30,7 @@ def train_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="qlora-kit train",
         description="Fine-tune a causal LM with QLoRA from a YAML recipe; key=value arguments override it.",
-        epilog="recipe keys (section.field  (type, default)  meaning):\n\n" + config_help(),
+        epilog=config_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("recipe", help="YAML recipe, e.g. recipes/smollm2_alpaca.yaml")
@@ -61,8 +63,22 @@ COMMANDS = {
 }
 
 
+def quiet_third_party_noise() -> None:
+    """Silence messages that only confuse a qlora-kit user; set before the libraries are imported.
+
+    - bitsandbytes (0.50, CPUs with AVX512-BF16) logs at import that it could not fetch a CPU gemv kernel
+      through the ``kernels`` package (which downloads code from the Hugging Face hub). qlora-kit never
+      calls bnb's 4-bit gemv: ``NF4Linear`` dequantizes and multiplies, so the advice is moot.
+    - datasets draws "Generating train split" bars for every local file it reads; our own data summary
+      line says what was read. A user can bring them back with HF_DATASETS_DISABLE_PROGRESS_BARS=0.
+    """
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    quiet_third_party_noise()
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2

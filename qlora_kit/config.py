@@ -152,8 +152,9 @@ class TrainConfig:
     """Log metrics every N optimizer steps."""
     seed: int = 42
     """Seed for adapter init, dropout and data order."""
-    resume: str = "none"
-    """none | auto (the latest checkpoint in output.dir) | PATH to a checkpoint dir."""
+    resume: str = "auto"
+    """auto (continue from the latest checkpoint in output.dir, if any) | none (start over) | PATH to a
+    checkpoint dir. With auto, running the same command again after a stop continues where it stopped."""
 
 
 @dataclass
@@ -529,7 +530,11 @@ def _type_name(hint: Any) -> str:
 
 def config_help() -> str:
     """Every config key with its type, default and docstring; plain text for an argparse epilog."""
-    lines = ["config keys (set them in a YAML recipe or override them as section.field=value, e.g. lora.r=8):"]
+    lines = [
+        "config keys: section.field (type, default) and meaning. Set them in a YAML recipe or override them as",
+        "section.field=value (e.g. lora.r=8). The defaults shown are the code's; a recipe sets its own values,",
+        "and `qlora-kit train RECIPE --print-config` shows exactly what a run will use.",
+    ]
     for section, cls in SECTIONS.items():
         lines += ["", f"{section}: {inspect.getdoc(cls)}"]
         defaults, docs = cls(), field_docs(cls)

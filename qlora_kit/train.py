@@ -10,6 +10,7 @@ Nothing else in the package holds training logic.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import math
@@ -34,6 +35,7 @@ from qlora_kit.loading import load_model, load_tokenizer, resolve_device, resolv
 from qlora_kit.lora import LoRAReport, add_lora
 
 LOSS_CHUNK_TOKENS = 1024  # logits are materialized for this many tokens at a time (see causal_lm_loss)
+SMOOTHING_STEPS = 10  # the progress bar's loss is the mean over this many steps
 
 
 # --- loss ----------------------------------------------------------------------------------------------
@@ -245,8 +247,7 @@ def memory_gb(device: torch.device) -> float:
 
 def train(cfg: RunConfig) -> TrainResult:
     started = time.perf_counter()
-    out = Path(cfg.output.dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(cfg.output.dir)  # created only once setup has succeeded: a failed start leaves no empty dir
     tc = cfg.train
 
     # setup ------------------------------------------------------------------------------------------
@@ -283,6 +284,7 @@ def train(cfg: RunConfig) -> TrainResult:
         print(f"resumed from {resume_from} at step {step}/{total_steps}")
     else:
         metrics_file.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(to_yaml(cfg))
     writer = _tensorboard(out) if cfg.output.tensorboard else None
 
@@ -317,6 +319,10 @@ def train(cfg: RunConfig) -> TrainResult:
     model.train()
     tokens_seen, fit_started = 0, time.perf_counter()
     bar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True)
+    # One step's loss swings with the lengths its (length-grouped) batch holds, so the bar shows a running
+    # mean; metrics.jsonl keeps every step's own loss, and the eval loss is the measure of progress.
+    recent_losses: collections.deque[float] = collections.deque(maxlen=SMOOTHING_STEPS)
+    print(f"progress bar: loss = mean train loss per labelled token over the last {SMOOTHING_STEPS} steps")
     with _StopFlag() as stop:
         while step < total_steps:
             micro_batches = [{k: v.to(device) for k, v in plan.next_batch().items()} for _ in range(accum)]
@@ -356,8 +362,9 @@ def train(cfg: RunConfig) -> TrainResult:
             }
             if step % tc.logging_steps == 0 or step == total_steps:
                 log(record)
+            recent_losses.append(step_loss)
             bar.set_postfix(
-                loss=f"{step_loss:.4f}",
+                loss=f"{sum(recent_losses) / len(recent_losses):.4f}",
                 lr=f"{record['lr']:.2e}",
                 tok_s=f"{record['tokens_per_s']:.0f}",
                 mem=f"{record['mem_gb']:.2f}GB",
