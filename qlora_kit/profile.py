@@ -20,12 +20,15 @@ Peak RSS (the process's high-water mark so far, ``ru_maxrss``) is reported besid
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
+import os
 import resource
+import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -126,12 +129,18 @@ def _measure_cpu(phases: Sequence[tuple[str, Callable[[], object]]]) -> Measurem
     gc.collect()
     start = live_tensor_bytes()
     timings, rss = {}, {}
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _stderr_silenced():
+        prof.start()
+    try:
         for name, fn in phases:
             began = time.perf_counter()
             with record_function(f"phase: {name}"):
                 fn()
             timings[name], rss[name] = time.perf_counter() - began, peak_rss_bytes()
+    finally:
+        with _stderr_silenced():
+            prof.stop()
     events, markers = _memory_events(prof)
     result = Measurement("cpu")
     level, i = start, 0
@@ -150,6 +159,25 @@ def _measure_cpu(phases: Sequence[tuple[str, Callable[[], object]]]) -> Measurem
     gc.collect()
     result.drift = live_tensor_bytes() - level
     return result
+
+
+@contextlib.contextmanager
+def _stderr_silenced() -> Iterator[None]:
+    """Discard what is written to file descriptor 2 inside the block.
+
+    Kineto (torch.profiler's backend) writes "STAGE:" / "USDT: profiler_start|stop" lines straight to fd 2
+    from C++ on every start and stop, whatever the log level; only the start and stop calls are wrapped,
+    so anything the measured code itself prints still shows.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def measure_training_step(

@@ -38,7 +38,7 @@ def one_thread():
 # --- the measuring method, against allocations whose size is known --------------------------------------------
 
 
-def test_cpu_measurement_counts_known_allocations_exactly():
+def test_cpu_measurement_counts_known_allocations_exactly(capfd):
     kept = []
 
     def allocate() -> None:
@@ -57,6 +57,8 @@ def test_cpu_measurement_counts_known_allocations_exactly():
     assert m["allocate"].end - m["allocate"].start == 1_000_000
     assert m["free"].end == m["allocate"].start and m["free"].peak == m["free"].start
     assert m.drift == 0
+    noise = capfd.readouterr().err
+    assert "USDT" not in noise and "STAGE" not in noise, noise  # kineto's start/stop lines are kept off stderr
 
 
 def test_live_tensor_bytes_sees_existing_tensors_and_views_once():

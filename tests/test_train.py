@@ -189,3 +189,10 @@ def test_chunked_loss_equals_cross_entropy(monkeypatch, dtype):
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
     for a, b in zip(ours, (reference.detach(), hidden.grad, weight.grad), strict=True):
         torch.testing.assert_close(a.float(), b.float(), **tol)
+
+
+def test_a_run_that_fails_to_start_leaves_no_output_dir(tiny_model_dir, tmp_path):
+    out = tmp_path / "never"
+    with pytest.raises(QloraKitError, match="data file .* not found"):
+        train(load_config(None, _overrides(tiny_model_dir, out, **{"data.path": tmp_path / "missing.jsonl"})))
+    assert not out.exists()
