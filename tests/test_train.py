@@ -193,6 +193,6 @@ def test_chunked_loss_equals_cross_entropy(monkeypatch, dtype):
 
 def test_a_run_that_fails_to_start_leaves_no_output_dir(tiny_model_dir, tmp_path):
     out = tmp_path / "never"
-    with pytest.raises(QloraKitError, match="data file .* not found"):
+    with pytest.raises(QloraKitError, match=r"data file .* not found"):
         train(load_config(None, _overrides(tiny_model_dir, out, **{"data.path": tmp_path / "missing.jsonl"})))
     assert not out.exists()
