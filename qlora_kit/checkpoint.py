@@ -8,6 +8,10 @@ A checkpoint is a directory ``OUTPUT_DIR/checkpoints/step-000123/`` holding
 
 It is written into a temp dir beside it and renamed into place, so a crash mid-save leaves the previous
 checkpoints as they were and never a directory that looks complete but is not.
+
+A checkpoint whose files cannot be read (a torn copy, a bad disk) is "damaged": resuming from it is an error
+that names the file and the ways on; ``train.resume=auto`` never passes over it silently to an older one,
+and pruning neither counts nor deletes it.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 class Checkpoint:
     path: Path
     step: int
+    damage: str | None = None  # why its checkpoint.json cannot be read (the step then comes from the dir name)
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -82,33 +87,82 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in list_checkpoints(run_dir)[:-keep_last]:
+    # Only intact checkpoints count and are pruned: a damaged one is left for the user to look at or delete
+    # (resume=auto refuses to pass over it silently), and it never pushes a good one out.
+    intact = [c for c in list_checkpoints(run_dir) if c.damage is None]
+    for old in intact[:-keep_last]:
         shutil.rmtree(old.path, ignore_errors=True)
     return target
 
 
 def list_checkpoints(run_dir: Path) -> list[Checkpoint]:
-    """Complete checkpoints, oldest first (temp dirs and dirs without the marker are ignored)."""
+    """Checkpoints with a marker, oldest first, damaged ones included (temp dirs and unmarked dirs are not)."""
+    return _scan(checkpoint_dir(run_dir))
+
+
+def _scan(root: Path) -> list[Checkpoint]:
     found = []
-    for path in checkpoint_dir(run_dir).glob("step-*"):
-        if (path / MARKER_NAME).is_file():
-            found.append(Checkpoint(path, json.loads((path / MARKER_NAME).read_text())["step"]))
+    for path in root.glob("step-*"):
+        if not (path / MARKER_NAME).is_file():
+            continue
+        step, damage = _read_marker(path)
+        if step is None:
+            number = path.name.removeprefix("step-")
+            if not number.isdigit():
+                continue  # not a name save_checkpoint writes
+            step = int(number)
+        found.append(Checkpoint(path, step, damage))
     return sorted(found, key=lambda c: c.step)
 
 
+def _read_marker(path: Path) -> tuple[int | None, str | None]:
+    """``(step, None)``, or ``(None, what is wrong)`` for a marker that is unreadable or not ours."""
+    try:
+        step = json.loads((path / MARKER_NAME).read_text())["step"]
+    except (OSError, ValueError, KeyError, TypeError) as e:  # ValueError: bad JSON or bad UTF-8
+        return None, f"{type(e).__name__}: {e}"
+    if not isinstance(step, int) or isinstance(step, bool):
+        return None, f"its step is {step!r}, not a whole number"
+    return step, None
+
+
+def damaged_checkpoint_error(path: Path, file: str, problem: str) -> QloraKitError:
+    """The one message for a damaged checkpoint: which file, and the ways on (another checkpoint, or anew)."""
+    others = [c for c in _scan(path.parent) if c.damage is None and c.path != path]
+    if others:
+        way_on = (
+            f"Resume from the newest other checkpoint with train.resume={others[-1].path}, or delete "
+            f"{path} and resume with train.resume=auto"
+        )
+    else:
+        way_on = f"No other checkpoint is left: delete {path}, and train.resume=auto starts the run afresh"
+    return QloraKitError(
+        f"checkpoint {path} is damaged ({file}: {problem}); the other checkpoints are untouched. {way_on}"
+    )
+
+
 def find_resume_checkpoint(resume: str, run_dir: Path) -> Path | None:
-    """``none`` -> None; ``auto`` -> the newest complete checkpoint of this run, if any; else a path."""
+    """``none`` -> None; ``auto`` -> the newest checkpoint of this run, if any; else a path.
+
+    A damaged newest checkpoint is an error that names the ways on, never a silent step back to an older one.
+    """
     if resume == "none":
         return None
     if resume == "auto":
         found = list_checkpoints(run_dir)
-        return found[-1].path if found else None
-    path = Path(resume)
-    if not (path / MARKER_NAME).is_file() or not (path / STATE_NAME).is_file():
-        raise QloraKitError(
-            f"train.resume={resume!r} is not a complete checkpoint dir (it needs {MARKER_NAME} and {STATE_NAME}); "
-            f"checkpoints are in OUTPUT_DIR/checkpoints/step-NNNNNN, or use train.resume=auto"
-        )
+        if not found:
+            return None
+        path, damage = found[-1].path, found[-1].damage
+    else:
+        path = Path(resume)
+        if not (path / MARKER_NAME).is_file() or not (path / STATE_NAME).is_file():
+            raise QloraKitError(
+                f"train.resume={resume!r} is not a complete checkpoint dir (it needs {MARKER_NAME} and "
+                f"{STATE_NAME}); checkpoints are in OUTPUT_DIR/checkpoints/step-NNNNNN, or use train.resume=auto"
+            )
+        damage = _read_marker(path)[1]
+    if damage is not None:
+        raise damaged_checkpoint_error(path, MARKER_NAME, damage)
     return path
 
 
@@ -116,13 +170,14 @@ def load_checkpoint(path: Path, model: nn.Module) -> dict[str, Any]:
     """Load the adapter weights into ``model``; return the training state (RNG already restored)."""
     from safetensors.torch import load_file
 
-    try:
-        state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=False)
-        adapter = load_file(path / WEIGHTS_NAME)
-    except Exception as e:  # a damaged file: say which, and what to do
-        raise QloraKitError(
-            f"checkpoint {path} is damaged ({type(e).__name__}: {e}); resume from an earlier one with train.resume=PATH"
-        ) from None
+    def read(name: str, reader: Any) -> Any:
+        try:
+            return reader(path / name)
+        except Exception as e:  # a damaged file: say which, and what to do
+            raise damaged_checkpoint_error(path, name, f"{type(e).__name__}: {e}") from None
+
+    state = read(STATE_NAME, lambda file: torch.load(file, map_location="cpu", weights_only=False))
+    adapter = read(WEIGHTS_NAME, load_file)
     load_lora_state_dict(model, adapter, source=str(path))
     set_rng_state(state["rng"])
     return state

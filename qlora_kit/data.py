@@ -11,7 +11,8 @@
         (packed rows: {"input_ids", "position_ids", "labels"}, see below)
     eval_batches(examples, batch_size, pad_token_id, pad_to_multiple_of=None) -> iterator of collated batches
     alpaca_prompt(instruction, input="") -> str        (generation uses it too)
-    tokenize_alpaca(...), tokenize_chat(...), guanaco_to_messages(text), truncate(...), load_table(...)
+    tokenize_alpaca(...), tokenize_chat(...), guanaco_to_messages(text), truncate(...)
+    load_table(path, split) -> [Table]: a file's (or hub split's) rows; table.where(i) -> "line 7" for messages
 
 Sources: a local .json/.jsonl/.csv/.parquet file, a directory of them, or a hub dataset name (anything
 that does not look like a path). Formats: ``alpaca`` (instruction, optional input, output; Alpaca-LoRA
@@ -32,6 +33,7 @@ from __future__ import annotations
 import bisect
 import csv
 import functools
+import json
 import math
 import random
 import re
@@ -75,6 +77,7 @@ SHAREGPT_ROLES = {
 GROUPING_MEGABATCH = 50  # length grouping sorts within windows of 50 micro-batches, like HF's sampler
 
 Example = dict[str, list[int]]
+Row = tuple[str, str, dict[str, Any]]  # (source, where in it: "line 7" / "item 3" / "row 3", {field: raw value})
 
 
 def alpaca_prompt(instruction: str, input: str = "") -> str:
@@ -87,10 +90,24 @@ def alpaca_prompt(instruction: str, input: str = "") -> str:
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def load_table(path: str, split: str = "train") -> list[tuple[str, Any]]:
-    """Return ``[(source name for messages, datasets.Dataset), ...]``: one per local file, or the hub split.
+@dataclass
+class Table:
+    """The rows of one local file or hub split, and where each row is, for messages."""
 
-    Files of a directory are loaded one by one so an error can name the file and its own row number.
+    source: str  # the file or "hub dataset NAME (split S)"
+    rows: Any  # a datasets.Dataset
+    lines: list[int] | None = None  # the file line each row starts on (.jsonl, .csv), when known
+    unit: str = "row"  # otherwise rows are "row N" (parquet, hub) or "item N" (a JSON array), from 1
+
+    def where(self, index: int) -> str:
+        """``line 7`` / ``item 3`` / ``row 3``: how a user finds row ``index`` (0-based) in the source."""
+        return f"line {self.lines[index]}" if self.lines is not None else f"{self.unit} {index + 1}"
+
+
+def load_table(path: str, split: str = "train") -> list[Table]:
+    """One ``Table`` per local file (a directory's files in name order), or the hub split's.
+
+    Files of a directory are loaded one by one so an error can name the file and its own line.
     """
     import datasets
 
@@ -102,16 +119,16 @@ def load_table(path: str, split: str = "train") -> list[tuple[str, Any]]:
                 f"data directory {local} has no {'/'.join(FILE_BUILDERS)} files; put the dataset files "
                 "there or point data.path at a file"
             )
-        return [(str(f), _load_file(f)) for f in files]
+        return [_load_file(f) for f in files]
     if local.is_file():
-        return [(str(local), _load_file(local))]
+        return [_load_file(local)]
     if _looks_like_path(path):
         raise QloraKitError(
             f"data file {path} not found; check data.path (relative paths start from the "
             f"current directory, {Path.cwd()})"
         )
     try:
-        return [(f"hub dataset {path} (split {split})", datasets.load_dataset(path, split=split))]
+        return [Table(f"hub dataset {path} (split {split})", datasets.load_dataset(path, split=split))]
     except Exception as e:  # network, auth, unknown name or split: the same advice applies
         raise QloraKitError(
             f"could not load dataset {path!r} split {split!r} from the Hugging Face hub "
@@ -131,30 +148,112 @@ def _looks_like_path(name: str) -> bool:
     )
 
 
-def _load_file(file: Path) -> Any:
+def _load_file(file: Path) -> Table:
     import datasets
 
     suffix = file.suffix.lower()
     if suffix not in FILE_BUILDERS:
         raise QloraKitError(f"data file {file} has an unsupported type; use .json, .jsonl, .csv or .parquet")
-    kwargs: dict[str, Any] = {}
-    if suffix == ".csv":
-        # Read every column as text: otherwise a column of numbers (answers like "42") arrives as int64.
-        with file.open(newline="", encoding="utf-8") as f:
-            header = next(csv.reader(f), [])
-        kwargs["features"] = datasets.Features({name: datasets.Value("string") for name in header})
     empty = QloraKitError(f"{file}: the dataset is empty; it needs at least one row")
     if file.stat().st_size < 64 and not file.read_bytes().strip():
         raise empty
+    builder = FILE_BUILDERS[suffix]
+    kwargs: dict[str, Any] = {}
+    table = Table(str(file), None)
+    if builder != "parquet":
+        # datasets hands undecodable bytes on as strings and fails on first use, deep in pyarrow.
+        table.lines = _utf8_nonblank_lines(file)
+    if builder == "csv":
+        header, table.lines = _csv_layout(file)
+        # Read every column as text: otherwise a column of numbers (answers like "42") arrives as int64.
+        kwargs["features"] = datasets.Features({name: datasets.Value("string") for name in header})
+    elif builder == "json" and _is_json_array(file):
+        table.lines, table.unit = None, "item"
     try:
-        return datasets.load_dataset(FILE_BUILDERS[suffix], data_files=str(file), split="train", **kwargs)
+        table.rows = datasets.load_dataset(builder, data_files=str(file), split="train", **kwargs)
     except Exception as e:
         if "corresponds to no data" in str(e):  # datasets' words for a header-only csv or a "[]" json
             raise empty from None
+        problem = _json_problem(file) if builder == "json" else None
+        if problem:
+            raise QloraKitError(f"{file}: {problem}") from None
         raise QloraKitError(
-            f"could not read {file} as {FILE_BUILDERS[suffix]} ({type(e).__name__}: {e}); "
+            f"could not read {file} as {builder} ({type(e).__name__}: {e}); "
             "check that it is valid and that each column holds one type"
         ) from None
+    if table.lines is not None and len(table.lines) != len(table.rows):
+        table.lines = None  # the reader split records differently than we did (e.g. a pretty-printed object)
+    return table
+
+
+def _utf8_nonblank_lines(file: Path) -> list[int]:
+    """The numbers (from 1) of the lines that are not blank; a clear error at the first non-UTF-8 byte."""
+    lines = []
+    offset = 0
+    with file.open("rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise QloraKitError(
+                    f"{file}: line {number} is not UTF-8 text (byte 0x{line[e.start]:02x} at byte offset "
+                    f"{offset + e.start} of the file). Re-save the file as UTF-8 (in a spreadsheet: "
+                    f"'CSV UTF-8'; or `iconv -f cp1252 -t utf-8 {file.name} > fixed{file.suffix}` "
+                    "if it was written on Windows)"
+                ) from None
+            if line.strip():  # the json and csv readers skip blank lines
+                lines.append(number)
+            offset += len(line)
+    return lines
+
+
+def _csv_layout(file: Path) -> tuple[list[str], list[int] | None]:
+    """The header and the line (header = line 1) each data record starts on; None if csv cannot tell."""
+    with file.open(newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header = next(reader, [])
+        lines = []
+        try:
+            start = reader.line_num + 1
+            for record in reader:  # a quoted field may span lines: line_num counts physical lines
+                if len(record) > 1 or (record and record[0].strip()):  # pandas skips blank lines
+                    lines.append(start)
+                start = reader.line_num + 1
+        except csv.Error:  # e.g. a field over csv.field_size_limit(); datasets reads it with pandas anyway
+            return header, None
+    return header, lines
+
+
+def _is_json_array(file: Path) -> bool:
+    with file.open("rb") as f:
+        return f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
+
+
+def _json_problem(file: Path) -> str | None:
+    """Where a .json/.jsonl file breaks ("line 3, column 19: Expecting ','"), or None if we see no fault.
+
+    datasets only says "Trailing data at position 70" or names a row of pyarrow's own block.
+    """
+    text = file.read_text(encoding="utf-8-sig")
+    try:
+        json.loads(text)
+        return None  # one valid JSON document: not a syntax problem
+    except json.JSONDecodeError as e:
+        if _is_json_array(file):
+            return f"line {e.lineno}, column {e.colno}: {e.msg}; fix the JSON there"
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            return (
+                f"line {number}, column {e.colno}: {e.msg}; fix that line (in JSON Lines each line "
+                "is one complete {...} object)"
+            )
+        if not isinstance(value, dict):
+            return f"line {number} is {line.strip()[:40]!r}, not a {{...}} object; each line must be one object"
+    return None
 
 
 def _resolve_columns(source: str, columns: list[str], fmt: str, column_map: Mapping[str, str]) -> dict:
@@ -194,7 +293,7 @@ def _resolve_columns(source: str, columns: list[str], fmt: str, column_map: Mapp
     )
 
 
-def _text_field(value: Any, source: str, row: int, field: str, required: bool) -> str:
+def _text_field(value: Any, source: str, where: str, field: str, required: bool) -> str:
     if isinstance(value, float) and math.isnan(value):
         value = None  # pandas writes a missing text cell as NaN
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -204,17 +303,17 @@ def _text_field(value: Any, source: str, row: int, field: str, required: bool) -
     if not isinstance(value, str) or (required and not value.strip()):
         shown = "missing" if value is None else ("empty" if isinstance(value, str) else f"a {type(value).__name__}")
         raise QloraKitError(
-            f"{source}: row {row}: field {field!r} is {shown}; every row needs a non-empty "
+            f"{source}: {where}: field {field!r} is {shown}; every row needs a non-empty "
             f"text {field!r} (fix or remove the row)"
         )
     return value
 
 
-def _messages_field(value: Any, source: str, row: int, field: str) -> list[dict[str, str]]:
+def _messages_field(value: Any, source: str, where: str, field: str) -> list[dict[str, str]]:
     if not isinstance(value, list) or not value:
         shown = "missing" if value is None else f"a {type(value).__name__}, not a non-empty list"
         raise QloraKitError(
-            f"{source}: row {row}: field {field!r} is {shown}; it must be a list of "
+            f"{source}: {where}: field {field!r} is {shown}; it must be a list of "
             "{'role': ..., 'content': ...} messages"
         )
     messages = []
@@ -230,7 +329,7 @@ def _messages_field(value: Any, source: str, row: int, field: str) -> list[dict[
             and isinstance(message.get("content"), str)
         ):
             raise QloraKitError(
-                f"{source}: row {row}: field {field!r} message {turn} needs a text 'role' and "
+                f"{source}: {where}: field {field!r} message {turn} needs a text 'role' and "
                 f"a text 'content', got {message!r}"
             )
         messages.append({"role": message["role"], "content": message["content"]})
@@ -384,7 +483,7 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, verbose: bool = True) -> Prepa
     column_map = dict(cfg.column_map or {})
 
     rows = _read_rows(cfg.path, cfg.split, cfg.format, column_map, cfg.max_samples)
-    val_rows: list[tuple[str, int, Any]] | None = None
+    val_rows: list[Row] | None = None
     if cfg.val_path:
         val_rows = _read_rows(cfg.val_path, cfg.split, cfg.format, column_map, cfg.max_samples)
     elif cfg.val_set_size:
@@ -423,18 +522,17 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, verbose: bool = True) -> Prepa
     return PreparedData(train=train, val=val, stats=stats, pad_token_id=resolve_pad_id(tokenizer))
 
 
-def _read_rows(
-    path: str, split: str, fmt: str, column_map: Mapping[str, str], max_samples: int | None
-) -> list[tuple[str, int, Any]]:
-    """Return ``(source, row number in that source, {field: raw value})`` for every row, columns resolved."""
-    rows: list[tuple[str, int, Any]] = []
-    for source, table in load_table(path, split):
-        if len(table) == 0:
-            raise QloraKitError(f"{source}: the dataset is empty; it needs at least one row")
-        columns = _resolve_columns(source, list(table.column_names), fmt, column_map)
-        selected = table.select_columns([c for c in columns.values() if c is not None])
+def _read_rows(path: str, split: str, fmt: str, column_map: Mapping[str, str], max_samples: int | None) -> list[Row]:
+    """Every row as ``(source, where in it, {field: raw value})``, columns resolved."""
+    rows: list[Row] = []
+    for table in load_table(path, split):
+        if len(table.rows) == 0:
+            raise QloraKitError(f"{table.source}: the dataset is empty; it needs at least one row")
+        columns = _resolve_columns(table.source, list(table.rows.column_names), fmt, column_map)
+        selected = table.rows.select_columns([c for c in columns.values() if c is not None])
         for index, record in enumerate(selected):
-            rows.append((source, index, {field: record[c] if c else None for field, c in columns.items()}))
+            fields = {field: record[c] if c else None for field, c in columns.items()}
+            rows.append((table.source, table.where(index), fields))
             if max_samples is not None and len(rows) >= max_samples:
                 return rows
     return rows
@@ -461,35 +559,35 @@ def split_validation(rows: list, val_set_size: float, seed: int) -> tuple[list, 
     return train, val
 
 
-def _tokenize_rows(rows: list[tuple[str, int, Any]], cfg: DataConfig, tokenizer: Any) -> tuple[list[Example], dict]:
+def _tokenize_rows(rows: list[Row], cfg: DataConfig, tokenizer: Any) -> tuple[list[Example], dict]:
     examples: list[Example] = []
     counts = {"truncated": 0, "dropped": 0}
-    for source, index, fields in rows:
+    for source, where, fields in rows:
         if cfg.format == "alpaca":
             example = tokenize_alpaca(
                 tokenizer,
-                _text_field(fields["instruction"], source, index, "instruction", required=True),
-                _text_field(fields["input"], source, index, "input", required=False),
-                _text_field(fields["output"], source, index, "output", required=True),
+                _text_field(fields["instruction"], source, where, "instruction", required=True),
+                _text_field(fields["input"], source, where, "input", required=False),
+                _text_field(fields["output"], source, where, "output", required=True),
                 train_on_inputs=cfg.train_on_inputs,
                 add_eos=cfg.add_eos,
             )
         else:
             if "messages" in fields:
-                messages = _messages_field(fields["messages"], source, index, "messages")
+                messages = _messages_field(fields["messages"], source, where, "messages")
             else:
-                text = _text_field(fields["text"], source, index, "text", required=True)
+                text = _text_field(fields["text"], source, where, "text", required=True)
                 try:
                     messages = guanaco_to_messages(text)
                 except ValueError as e:
                     raise QloraKitError(
-                        f"{source}: row {index}: field 'text': {e}; chat text must look "
+                        f"{source}: {where}: field 'text': {e}; chat text must look "
                         "like '### Human: ... ### Assistant: ...'"
                     ) from None
             try:
                 example = tokenize_chat(tokenizer, messages, train_on_inputs=cfg.train_on_inputs)
             except ValueError as e:
-                raise QloraKitError(f"{source}: row {index}: {e}") from None
+                raise QloraKitError(f"{source}: {where}: {e}") from None
         if len(example["input_ids"]) > cfg.cutoff_len:
             counts["truncated"] += 1
             example = truncate(example, cfg.cutoff_len)

@@ -30,6 +30,16 @@ from qlora_kit.quant import NF4Linear
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
+# What a model dir must hold, said the same way by every message about a dir that lacks some of it.
+MODEL_DIR_FILES = (
+    "config.json, the weights (model.safetensors, or shards with model.safetensors.index.json) and the "
+    "tokenizer (tokenizer.json, or tokenizer.model / vocab.json + merges.txt, with tokenizer_config.json)"
+)
+# A tokenizer's vocabulary is in one of these (a fast tokenizer.json, a sentencepiece *.model, BPE or
+# WordPiece vocab files); tokenizer_config.json alone only names the class.
+TOKENIZER_VOCAB_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "merges.txt")
+TOKENIZER_VOCAB_SUFFIXES = (".model", ".tiktoken")
+
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -185,7 +195,7 @@ def checkpoint_index(model_dir: Path) -> dict[str, TensorEntry]:
             if others
             else ""
         )
-        raise QloraKitError(f"no *.safetensors weights in {model_dir}.{hint}")
+        raise QloraKitError(f"no *.safetensors weights in {model_dir}.{hint} A model dir holds {MODEL_DIR_FILES}.")
     entries: dict[str, TensorEntry] = {}
     for file in files:
         entries.update(read_safetensors_header(file))
@@ -330,6 +340,15 @@ def load_tokenizer(name_or_path: str | Path):
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError) as e:
+        names = [p.name for p in model_dir.iterdir()]
+        if not any(n in TOKENIZER_VOCAB_FILES or n.endswith(TOKENIZER_VOCAB_SUFFIXES) for n in names):
+            # transformers would blame a missing sentencepiece for a dir that simply lacks the files
+            weights = "" if any(n.endswith(".safetensors") for n in names) else " and no weights (*.safetensors)"
+            raise QloraKitError(
+                f"{model_dir} has no tokenizer files (tokenizer.json, tokenizer.model, vocab.json, ...){weights}. "
+                f"A model dir holds {MODEL_DIR_FILES}: copy the missing files from the model's download, "
+                "or pass the complete dir"
+            ) from None
         raise QloraKitError(f"could not load a tokenizer from {model_dir} ({e})") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked; any id works, eos is always there

@@ -4,6 +4,7 @@ half-written directory; a damaged checkpoint is named, not unpickled into garbag
 from __future__ import annotations
 
 import errno
+import re
 from pathlib import Path
 
 import pytest
@@ -100,12 +101,73 @@ def test_full_disk_while_saving_an_adapter_keeps_the_old_one(model, tmp_path, mo
     assert _files(tmp_path) == before
 
 
+def damaged_message(newest: Path, file: str, earlier: Path | None) -> str:
+    """The regex of the damaged-checkpoint message: which file, and the ways on."""
+    if earlier is None:
+        way_on = rf"No other checkpoint is left: delete {re.escape(str(newest))}, and train.resume=auto starts"
+    else:
+        way_on = (
+            rf"Resume from the newest other checkpoint with train.resume={re.escape(str(earlier))}, "
+            rf"or delete {re.escape(str(newest))} and resume with train.resume=auto"
+        )
+    damaged = rf"checkpoint {re.escape(str(newest))} is damaged \({file}: .*\)"
+    return rf"{damaged}; the other checkpoints are untouched\. {way_on}"
+
+
 def test_damaged_checkpoint_is_named(model, tmp_path):
     path = save_checkpoint(tmp_path, 2, model, {}, "base", keep_last=1)
     state_file = path / STATE_NAME
     state_file.write_bytes(state_file.read_bytes()[:100])  # truncated, e.g. copied off a full disk
-    with pytest.raises(QloraKitError, match=r"step-000002 is damaged.*train.resume=PATH"):
+    before = _files(tmp_path)
+    with pytest.raises(QloraKitError, match=damaged_message(path, STATE_NAME, None)):
         load_checkpoint(path, model)
+    assert _files(tmp_path) == before
+
+
+def test_damaged_state_of_the_newest_checkpoint_names_the_one_to_resume_from(model, tmp_path):
+    earlier = save_checkpoint(tmp_path, 2, model, {}, "base", keep_last=2)
+    newest = save_checkpoint(tmp_path, 4, model, {}, "base", keep_last=2)
+    (newest / STATE_NAME).write_bytes((newest / STATE_NAME).read_bytes()[:100])
+    before = _files(tmp_path)
+    with pytest.raises(QloraKitError, match=damaged_message(newest, STATE_NAME, earlier)):
+        load_checkpoint(newest, model)
+    assert _files(tmp_path) == before
+
+
+DAMAGED_MARKERS = [
+    pytest.param(b'{"step": 4', id="truncated"),
+    pytest.param(b"\xff\xfe{\x00", id="not-utf8"),
+    pytest.param(b'{"stp": 4}', id="no-step"),
+    pytest.param(b"[4]", id="not-an-object"),
+]
+
+
+@pytest.mark.parametrize("marker", DAMAGED_MARKERS)
+def test_damaged_marker_of_the_newest_checkpoint_stops_resume_and_names_the_ways_on(model, tmp_path, marker):
+    earlier = save_checkpoint(tmp_path, 2, model, {}, "base", keep_last=2)
+    newest = save_checkpoint(tmp_path, 4, model, {}, "base", keep_last=2)
+    (newest / MARKER_NAME).write_bytes(marker)
+    before = _files(tmp_path)
+    with pytest.raises(QloraKitError, match=damaged_message(newest, MARKER_NAME, earlier)):
+        find_resume_checkpoint("auto", tmp_path)  # not a silent step back to step 2
+    with pytest.raises(QloraKitError, match=damaged_message(newest, MARKER_NAME, earlier)):
+        find_resume_checkpoint(str(newest), tmp_path)
+    assert _files(tmp_path) == before
+    assert find_resume_checkpoint(str(earlier), tmp_path) == earlier  # the way on the message names works
+    assert [(c.step, c.damage is not None) for c in list_checkpoints(tmp_path)] == [(2, False), (4, True)]
+
+
+def test_saving_beside_a_damaged_checkpoint_never_prunes_good_ones_for_it(model, tmp_path):
+    save_checkpoint(tmp_path, 2, model, {}, "base", keep_last=3)
+    damaged = save_checkpoint(tmp_path, 4, model, {}, "base", keep_last=3)
+    (damaged / MARKER_NAME).write_bytes(b'{"step": 4')
+    damaged_files = _files(damaged)
+    save_checkpoint(tmp_path, 6, model, {}, "base", keep_last=2)  # was a JSONDecodeError mid-save
+    assert [c.step for c in list_checkpoints(tmp_path)] == [2, 4, 6]  # the damaged one is not counted
+    save_checkpoint(tmp_path, 8, model, {}, "base", keep_last=2)
+    assert [c.step for c in list_checkpoints(tmp_path)] == [4, 6, 8]  # good ones pruned as usual
+    assert _files(damaged) == damaged_files  # left for the user to look at or delete
+    assert find_resume_checkpoint("auto", tmp_path) == tmp_path / "checkpoints" / "step-000008"
 
 
 def test_resume_path_that_is_not_a_checkpoint(tmp_path):

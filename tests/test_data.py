@@ -232,11 +232,12 @@ def test_sample_data_files_are_what_the_generator_writes():
 # ------------------------------------------------------------------------------------------ errors
 
 
-def expect_error(tokenizer, *fragments: str, **cfg) -> None:
+def expect_error(tokenizer, *fragments: str, **cfg) -> str:
     with pytest.raises(QloraKitError) as raised:
         prepare_data(DataConfig(**cfg), tokenizer)
     for fragment in fragments:
         assert fragment in str(raised.value), (fragment, str(raised.value))
+    return str(raised.value)
 
 
 def test_missing_file_is_named(tokenizer, tmp_path):
@@ -267,7 +268,7 @@ def test_missing_column_names_file_column_and_existing_columns(tokenizer, tmp_pa
 )
 def test_row_missing_a_field_names_file_row_and_field(tokenizer, tmp_path, bad_row, field):
     path = write_jsonl(tmp_path / "d.jsonl", [ROWS[0], ROWS[1], bad_row])
-    expect_error(tokenizer, str(path), "row 2", f"'{field}'", path=str(path))
+    expect_error(tokenizer, str(path), ": line 3: ", f"'{field}'", path=str(path))
 
 
 @pytest.mark.parametrize(
@@ -281,7 +282,7 @@ def test_bad_chat_rows_name_file_row_and_field(tokenizer, tmp_path, bad_messages
     good = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"messages": good}) + "\n" + json.dumps({"messages": bad_messages}) + "\n")
-    expect_error(tokenizer, str(path), "row 1", "'messages'", path=str(path), format="chat")
+    expect_error(tokenizer, str(path), ": line 2: ", "'messages'", path=str(path), format="chat")
 
 
 @pytest.mark.parametrize("content", ["", "[]", "instruction,input,output\n"])
@@ -295,6 +296,83 @@ def test_unreachable_hub_dataset_is_a_clear_error(tokenizer, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # fail at once instead of retrying the network
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     expect_error(tokenizer, "'someone/no-such-dataset'", "hub", path="someone/no-such-dataset")
+
+
+def _written(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def expect_file_error(tokenizer, path: Path, *fragments: str, **cfg) -> str:
+    """The error names the file and each fragment, and the data file is left exactly as it was."""
+    before = path.read_bytes()
+    message = expect_error(tokenizer, str(path), *fragments, path=str(path), **cfg)
+    assert path.read_bytes() == before
+    return message
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "offset"),
+    [
+        ("d.jsonl", b'{"instruction": "a", "output": "b"}\n\n{"instruction": "caf\xe9", "output": "b"}\n', 57),
+        ("d.csv", b"instruction,input,output\na,,b\ncaf\xe9,,b\n", 33),  # was a UnicodeDecodeError in the header read
+    ],
+)
+def test_non_utf8_data_names_the_line_and_byte_and_says_save_as_utf8(tokenizer, tmp_path, name, data, offset):
+    path = _written(tmp_path / name, data)
+    expect_file_error(
+        tokenizer, path, "line 3 is not UTF-8", "0xe9", f"byte offset {offset} ", "Re-save the file as UTF-8"
+    )
+
+
+@pytest.mark.parametrize(
+    ("bad_line", "where"),
+    [
+        ('{"instruction": "x", "output": "y",}', "line 4, column 36: Expecting property name"),
+        ('{"instruction": "x", "output"', "line 4, column 30: Expecting ':' delimiter"),  # cut short
+        ('["x", "y"]', 'line 4 is \'["x", "y"]\', not a {...} object'),
+    ],
+)
+def test_malformed_jsonl_line_is_named_by_its_line_number(tokenizer, tmp_path, bad_line, where):
+    text = json.dumps(ROWS[0]) + "\n\n" + json.dumps(ROWS[1]) + "\n" + bad_line + "\n" + json.dumps(ROWS[2]) + "\n"
+    path = _written(tmp_path / "d.jsonl", text.encode())
+    message = expect_file_error(tokenizer, path, where)
+    assert "position" not in message  # datasets' own words were "Trailing data at position 70"
+
+
+def test_json_array_syntax_error_gives_line_and_column(tokenizer, tmp_path):
+    text = '[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "c" "output": "d"}\n]\n'
+    path = _written(tmp_path / "d.json", text.encode())
+    expect_file_error(tokenizer, path, "line 3, column 23: Expecting ',' delimiter")
+
+
+BAD_ROW = {"instruction": "Say hi.", "input": "", "output": ""}
+
+
+def _file_with_bad_third_row(folder: Path, kind: str) -> Path:
+    """ROWS[0], ROWS[1], BAD_ROW, laid out so the file's lines and the row indices differ."""
+    if kind == "jsonl":  # blank lines are skipped by the reader but still count as lines
+        text = "\n".join(["", json.dumps(ROWS[0]), "", json.dumps(ROWS[1]), json.dumps(BAD_ROW)]) + "\n"
+        return _written(folder / "d.jsonl", text.encode())
+    if kind == "csv":  # a quoted field spanning two lines, then a blank line
+        text = (
+            'instruction,input,output\n"Reverse the\nword order.",the red fox runs,runs fox red the\n\n'
+            "Write 42 in words.,,forty-two\nSay hi.,,\n"
+        )
+        return _written(folder / "d.csv", text.encode())
+    if kind == "json":
+        return _written(folder / "d.json", json.dumps([ROWS[0], ROWS[1], BAD_ROW], indent=2).encode())
+    datasets.Dataset.from_list([ROWS[0], ROWS[1], BAD_ROW]).to_parquet(str(folder / "d.parquet"))
+    return folder / "d.parquet"
+
+
+@pytest.mark.parametrize(
+    ("kind", "where"),
+    [("jsonl", "line 5"), ("csv", "line 6"), ("json", "item 3"), ("parquet", "row 3")],
+)
+def test_a_bad_row_is_named_where_the_user_finds_it(tokenizer, tmp_path, kind, where):
+    path = _file_with_bad_third_row(tmp_path, kind)
+    expect_file_error(tokenizer, path, f"{path}: {where}: field 'output' is ")
 
 
 # -------------------------------------------------------------------------------------- validation

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -123,6 +124,61 @@ def test_checkpoint_missing_tensors(tmp_path):
 def test_missing_config(tiny_llama_dir):
     (tiny_llama_dir / "config.json").unlink()
     assert "no config.json" in _error(tiny_llama_dir)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _train_error(model_dir: Path, out: Path) -> str:
+    """What `qlora-kit train` of the default recipe says for ``model_dir``; ``out`` holds an earlier run."""
+    from qlora_kit.config import load_config
+    from qlora_kit.train import train
+
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    cfg = load_config(
+        REPO / "recipes" / "smollm2_alpaca.yaml",
+        [
+            f"model.name_or_path={model_dir}",
+            f"output.dir={out}",
+            f"data.path={REPO / 'recipes/data/text_tools_train.jsonl'}",
+            f"data.val_path={REPO / 'recipes/data/text_tools_val.jsonl'}",
+        ],
+    )
+    with pytest.raises(QloraKitError) as err:
+        train(cfg)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # the earlier run is intact
+    return str(err.value)
+
+
+def _model_dir_with(path: Path, source: Path, *names: str) -> Path:
+    path.mkdir()
+    for name in names:
+        (path / name).symlink_to(source / name)  # a cheap copy: the test only reads them
+    return path
+
+
+def test_train_on_a_dir_with_only_config_says_tokenizer_and_weights_are_missing(tmp_path, smollm2_dir):
+    model_dir = _model_dir_with(tmp_path / "m", smollm2_dir, "config.json")
+    message = _train_error(model_dir, tmp_path / "run")
+    assert f"{model_dir} has no tokenizer files (tokenizer.json, " in message
+    assert "and no weights (*.safetensors)" in message
+    assert "A model dir holds config.json, the weights (model.safetensors" in message
+    assert "sentencepiece" not in message  # transformers' guess, which sent users to install a package
+
+
+def test_train_on_a_dir_without_tokenizer_names_only_the_tokenizer(tmp_path, smollm2_dir):
+    model_dir = _model_dir_with(tmp_path / "m", smollm2_dir, "config.json", "model.safetensors")
+    message = _train_error(model_dir, tmp_path / "run")
+    assert f"{model_dir} has no tokenizer files (tokenizer.json, " in message and "and no weights" not in message
+
+
+def test_train_on_a_dir_without_weights_names_the_weights(tmp_path, smollm2_dir):
+    names = ("config.json", "tokenizer.json", "tokenizer_config.json")
+    model_dir = _model_dir_with(tmp_path / "m", smollm2_dir, *names)
+    message = _train_error(model_dir, tmp_path / "run")
+    assert f"no *.safetensors weights in {model_dir}. A model dir holds config.json, the weights" in message
 
 
 def save_tiny_config_dict() -> dict:
