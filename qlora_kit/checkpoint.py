@@ -141,8 +141,8 @@ def damaged_checkpoint_error(path: Path, file: str, problem: str) -> QloraKitErr
     )
 
 
-def find_resume_checkpoint(resume: str, run_dir: Path) -> Path | None:
-    """``none`` -> None; ``auto`` -> the newest checkpoint of this run, if any; else a path.
+def find_resume_checkpoint(resume: str, run_dir: Path) -> Checkpoint | None:
+    """``none`` -> None; ``auto`` -> the newest checkpoint of this run, if any; else the one at a path.
 
     A damaged newest checkpoint is an error that names the ways on, never a silent step back to an older one.
     """
@@ -152,7 +152,7 @@ def find_resume_checkpoint(resume: str, run_dir: Path) -> Path | None:
         found = list_checkpoints(run_dir)
         if not found:
             return None
-        path, damage = found[-1].path, found[-1].damage
+        path, step, damage = found[-1].path, found[-1].step, found[-1].damage
     else:
         path = Path(resume)
         if not (path / MARKER_NAME).is_file() or not (path / STATE_NAME).is_file():
@@ -160,10 +160,10 @@ def find_resume_checkpoint(resume: str, run_dir: Path) -> Path | None:
                 f"train.resume={resume!r} is not a complete checkpoint dir (it needs {MARKER_NAME} and "
                 f"{STATE_NAME}); checkpoints are in OUTPUT_DIR/checkpoints/step-NNNNNN, or use train.resume=auto"
             )
-        damage = _read_marker(path)[1]
-    if damage is not None:
-        raise damaged_checkpoint_error(path, MARKER_NAME, damage)
-    return path
+        step, damage = _read_marker(path)
+    if damage is not None or step is None:
+        raise damaged_checkpoint_error(path, MARKER_NAME, damage or "no step")
+    return Checkpoint(path, step)
 
 
 def load_checkpoint(path: Path, model: nn.Module) -> dict[str, Any]:

@@ -258,13 +258,20 @@ def train(cfg: RunConfig) -> TrainResult:
 
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     data = prepare_data(cfg.data, tokenizer)
+    plan = make_batch_plan(cfg, data)
+    accum = tc.gradient_accumulation_steps
+    total_steps = tc.max_steps if tc.max_steps > 0 else max(1, math.ceil(tc.num_epochs * len(plan) / accum))
+    if resume_from is not None and resume_from.step >= total_steps and (out / "adapter").is_dir():
+        print(
+            f"{out} is a complete run ({resume_from.step} of {total_steps} steps; adapter in {out / 'adapter'}); "
+            f"nothing was changed. To train it again from the start, add train.resume=none (this replaces the run) "
+            f"or choose another output.dir; to train on, raise train.max_steps"
+        )
+        return TrainResult(out, resume_from.step, "completed")
     model, report = load_lora_model(cfg, device, dtype, adapter_dtype)
     base_name = cfg.model.name_or_path
     print(report)
 
-    plan = make_batch_plan(cfg, data)
-    accum = tc.gradient_accumulation_steps
-    total_steps = tc.max_steps if tc.max_steps > 0 else max(1, math.ceil(tc.num_epochs * len(plan) / accum))
     warmup = tc.warmup_steps or math.ceil(tc.warmup_ratio * total_steps)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(tc.optimizer, params, tc, device)
@@ -274,14 +281,14 @@ def train(cfg: RunConfig) -> TrainResult:
     result = TrainResult(out, 0, "completed")
     metrics_file = out / "metrics.jsonl"
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model)
+        state = load_checkpoint(resume_from.path, model)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         plan.load_state_dict(state["data"])
         step = state["step"]
         result.eval_loss_start = state.get("eval_loss_start")
         _truncate_metrics(metrics_file, step)
-        print(f"resumed from {resume_from} at step {step}/{total_steps}")
+        print(f"resumed from {resume_from.path} at step {step}/{total_steps}")
     else:
         metrics_file.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)

@@ -56,7 +56,7 @@ def test_keeps_the_last_k_and_resume_auto_picks_the_newest(model, tmp_path):
     for step in (2, 4, 6):
         save_checkpoint(tmp_path, step, model, {"note": step}, "base", keep_last=2)
     assert [c.step for c in list_checkpoints(tmp_path)] == [4, 6]
-    assert find_resume_checkpoint("auto", tmp_path) == tmp_path / "checkpoints" / "step-000006"
+    assert find_resume_checkpoint("auto", tmp_path).path == tmp_path / "checkpoints" / "step-000006"
     assert find_resume_checkpoint("none", tmp_path) is None
     assert sorted(p.name for p in (tmp_path / "checkpoints" / "step-000006").iterdir()) == sorted(
         [CONFIG_NAME, WEIGHTS_NAME, STATE_NAME, MARKER_NAME]
@@ -153,7 +153,7 @@ def test_damaged_marker_of_the_newest_checkpoint_stops_resume_and_names_the_ways
     with pytest.raises(QloraKitError, match=damaged_message(newest, MARKER_NAME, earlier)):
         find_resume_checkpoint(str(newest), tmp_path)
     assert _files(tmp_path) == before
-    assert find_resume_checkpoint(str(earlier), tmp_path) == earlier  # the way on the message names works
+    assert find_resume_checkpoint(str(earlier), tmp_path).path == earlier  # the way on the message names works
     assert [(c.step, c.damage is not None) for c in list_checkpoints(tmp_path)] == [(2, False), (4, True)]
 
 
@@ -167,7 +167,7 @@ def test_saving_beside_a_damaged_checkpoint_never_prunes_good_ones_for_it(model,
     save_checkpoint(tmp_path, 8, model, {}, "base", keep_last=2)
     assert [c.step for c in list_checkpoints(tmp_path)] == [4, 6, 8]  # good ones pruned as usual
     assert _files(damaged) == damaged_files  # left for the user to look at or delete
-    assert find_resume_checkpoint("auto", tmp_path) == tmp_path / "checkpoints" / "step-000008"
+    assert find_resume_checkpoint("auto", tmp_path).path == tmp_path / "checkpoints" / "step-000008"
 
 
 def test_resume_path_that_is_not_a_checkpoint(tmp_path):

@@ -196,3 +196,16 @@ def test_a_run_that_fails_to_start_leaves_no_output_dir(tiny_model_dir, tmp_path
     with pytest.raises(QloraKitError, match=r"data file .* not found"):
         train(load_config(None, _overrides(tiny_model_dir, out, **{"data.path": tmp_path / "missing.jsonl"})))
     assert not out.exists()
+
+
+def test_rerunning_a_complete_run_says_so_and_changes_nothing(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    overrides = _overrides(tiny_model_dir, out, **{"train.max_steps": 2, "data.max_samples": 16})
+    train(load_config(None, overrides))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    result = train(load_config(None, overrides))
+    said = capsys.readouterr().out
+    assert result.status == "completed" and result.steps == 2
+    assert "is a complete run (2 of 2 steps" in said and "train.resume=none" in said and "eval loss" not in said
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
