@@ -55,7 +55,9 @@ class ModelConfig:
     gradient_checkpointing: bool = True
     """Recompute each decoder layer's activations in backward (non-reentrant): less memory, more compute."""
     max_memory_gb: float | None = None
-    """Optional memory budget in GB, checked by the memory planner; null = no limit."""
+    """Optional memory budget in GiB (2^30 bytes, as `qlora-kit plan --gpu`: a "24 GB" card has 24 GiB).
+    Before loading the model, train plans its largest micro-batch and refuses to start, with the plan and
+    what to change, when it does not fit; on CPU the plan's device is cpu. null = no check."""
 
 
 @dataclass
@@ -430,7 +432,8 @@ def validate(cfg: RunConfig) -> None:
         "model.device",
         "allowed values: auto, cpu, cuda, cuda:N",
     )
-    check(m.max_memory_gb is None or m.max_memory_gb > 0, "model.max_memory_gb", "must be > 0 or null")
+    budget = m.max_memory_gb
+    check(budget is None or 0 < budget < math.inf, "model.max_memory_gb", "must be a number of GiB > 0, or null")
 
     check(lo.r > 0, "lora.r", "must be > 0")
     check(lo.alpha > 0 and math.isfinite(lo.alpha), "lora.alpha", "must be > 0")

@@ -112,15 +112,22 @@ def model_shape(spec: str) -> ModelShape:
     """A preset name (case-insensitive), a local HF checkpoint dir, a short id or a hub id."""
     if spec.strip().lower() in PRESETS:
         return PRESETS[spec.strip().lower()]
-    from qlora_kit.loading import load_config
-    from qlora_kit.models import SHORT_IDS, resolve_model_dir
+    from qlora_kit.models import SHORT_IDS
 
     if not Path(spec).expanduser().exists() and spec.lower() not in SHORT_IDS and spec.count("/") != 1:
         raise QloraKitError(
             f"model {spec!r} is not a preset ({', '.join(PRESETS)}), a checkpoint directory, a short id "
             f"({', '.join(SHORT_IDS)}) or a hub id (owner/name)"
         )
-    model_dir = resolve_model_dir(spec)
+    return checkpoint_shape(spec)
+
+
+def checkpoint_shape(name_or_path: str) -> ModelShape:
+    """The shape in a checkpoint's ``config.json`` (dir, short id or hub id, as the loader resolves it)."""
+    from qlora_kit.loading import load_config
+    from qlora_kit.models import resolve_model_dir
+
+    model_dir = resolve_model_dir(name_or_path)
     return shape_from_config(load_config(model_dir), name=Path(model_dir).name)
 
 
@@ -323,6 +330,41 @@ def first_layer_savings(
 
 # --- the plan ----------------------------------------------------------------------------------------------
 
+FIXED = ("LoRA parameters", "CUDA context", "process runtime")  # rows outside weights/optimizer that no
+# batch, sequence or checkpointing knob changes (MemoryPlan.fixed_bytes)
+TRIED = ("checkpointing", "the largest batch and sequence", "rank / 4", "attention-only targets", "8-bit optimizer")
+TRIED += ("all of them together", "a common GPU size (up to 141 GiB)")
+# how each planner knob is set in a recipe (qlora-kit train overrides), for the suggestions of check_budget
+RECIPE_KEYS = {
+    "checkpointing": "model.gradient_checkpointing",
+    "batch_size": "train.micro_batch_size",
+    "seq_len": "data.cutoff_len",
+    "rank": "lora.r",
+    "targets": "lora.targets",
+    "optimizer": "train.optimizer",
+}
+
+
+def _gb(nbytes: float) -> str:
+    decimal = f"{nbytes / 1e9:,.1f} GB" if nbytes >= 1e9 else f"{nbytes / MB:,.1f} MB"
+    return f"{decimal} ({nbytes / GiB:.2f} GiB)"
+
+
+def gib_text(nbytes: int) -> str:
+    """A budget in GiB as it was written: budgets are int(GiB x value), within a byte of the value."""
+    return f"{round(nbytes / GiB, 6):g}"
+
+
+def recipe_overrides(knob: dict) -> str:
+    """A suggestion's change as ``qlora-kit train`` overrides, e.g. ``train.micro_batch_size=2``."""
+    out = []
+    for key, value in knob.items():
+        if key == "gpu_bytes":
+            out.append(f"model.max_memory_gb={gib_text(value)}")
+        else:
+            out.append(f"{RECIPE_KEYS[key]}={str(value).lower() if isinstance(value, bool) else value}")
+    return " ".join(out)
+
 
 @dataclass
 class Row:
@@ -366,8 +408,20 @@ class MemoryPlan:
     def fits(self) -> bool | None:
         return None if self.gpu_bytes is None else self.total <= self.gpu_bytes
 
+    @property
+    def weight_bytes(self) -> int:
+        """The 4-bit linears and the weights kept in the compute dtype (embeddings, lm_head, norms)."""
+        return sum(row.bytes for row in self.rows if row.category == "weights")
+
+    @property
+    def fixed_bytes(self) -> int:
+        """What no batch, sequence or checkpointing setting changes: weights, LoRA parameters, optimizer
+        states and the CUDA context / process runtime."""
+        return sum(row.bytes for row in self.rows if row.category in ("weights", "optimizer") or row.item in FIXED)
+
     def to_json(self) -> str:
-        return json.dumps({**asdict(self), "total": self.total, "fits": self.fits}, indent=2)
+        extra = {"total": self.total, "fits": self.fits, "fixed_bytes": self.fixed_bytes}
+        return json.dumps({**asdict(self), **extra}, indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> MemoryPlan:
@@ -389,7 +443,7 @@ class MemoryPlan:
         text = f"total {self.total / MB:,.0f} MB ({self.total / GiB:.2f} GiB)"
         if self.gpu_bytes is None:
             return text
-        budget, margin = f"{self.gpu_bytes / GiB:g} GiB", abs(self.gpu_bytes - self.total) / MB
+        budget, margin = f"{gib_text(self.gpu_bytes)} GiB", abs(self.gpu_bytes - self.total) / MB
         if self.fits:
             return f"{text}: fits in {budget} with {margin:,.0f} MB to spare"
         text += f": does NOT fit in {budget} (over by {margin:,.0f} MB)"
@@ -397,24 +451,47 @@ class MemoryPlan:
             text += "; it would run, slower, with the paged optimizer's states moved to host RAM"
         return text
 
-    def _suggestion_lines(self) -> list[str]:
-        lines = []
+    def limits(self) -> str:
+        """When the fixed part alone is over budget, why no batch, sequence or checkpointing knob can help."""
+        if self.fits is not False or self.fixed_bytes <= self.gpu_bytes:
+            return ""
+        budget = f"more than the {gib_text(self.gpu_bytes)} GiB budget"
+        if self.weight_bytes > self.gpu_bytes:
+            return (
+                f"the 4-bit weights and embeddings alone are {_gb(self.weight_bytes)}, {budget}: no batch, "
+                f"sequence, checkpointing, rank, target or optimizer setting can fit; this run as planned needs "
+                f"{self.total / GiB:.2f} GiB"
+            )
+        return (
+            f"the weights, LoRA parameters, optimizer states and runtime alone are {_gb(self.fixed_bytes)}, "
+            f"{budget}: no batch, sequence or checkpointing setting can fit; only a smaller rank, fewer "
+            "targets, a lighter optimizer or more memory can"
+        )
+
+    def advice(self, recipe: bool = False) -> list[str]:
+        """The lines under the verdict of a plan that does not fit: the limits, then what fits (``recipe``:
+        with each change as a ``qlora-kit train`` override)."""
+        if self.fits is not False:
+            return []
+        lines = [self.limits()] if self.limits() else []
+        if not self.suggestions:
+            return [*lines, "nothing tried fits (" + ", ".join(TRIED) + ")"]
+        lines.append("what fits (each replanned):")
         for s in self.suggestions:
             saves = f": saves {s.saves / MB:,.0f} MB -> {s.total / GiB:.2f} GiB" if s.saves else ""
-            lines.append(f"{s.change}{saves}{' (fits)' if s.fits else ''}")
+            lines.append(f"  - {s.change}{saves}" + (f"  [{recipe_overrides(s.knob)}]" if recipe else ""))
         return lines
 
     def _cells(self) -> list[tuple[str, str, str, str]]:
         rows = [(r.category, r.item, f"{r.bytes / MB:,.1f}", r.note) for r in self.rows]
         return [*rows, ("total", "", f"{self.total / MB:,.1f}", f"{self.total / GiB:.2f} GiB")]
 
-    def table(self) -> str:
+    def table(self, recipe: bool = False) -> str:
         cells = self._cells()
         w = [max(len(row[i]) for row in cells) for i in range(3)]
         out = [self.title(), f"{'category':<{w[0]}}  {'item':<{w[1]}}  {'MB':>{w[2]}}  explanation"]
         out += [f"{c:<{w[0]}}  {i:<{w[1]}}  {b:>{w[2]}}  {n}" for c, i, b, n in cells]
-        out.append(self.verdict())
-        return "\n".join(out + [f"  - {line}" for line in self._suggestion_lines()])
+        return "\n".join([*out, self.verdict(), *self.advice(recipe)])
 
     def to_markdown(self) -> str:
         out = [
@@ -424,7 +501,8 @@ class MemoryPlan:
             "| --- | --- | ---: | --- |",
         ]
         out += [f"| {c} | {i} | {b} | {n} |" for c, i, b, n in self._cells()]
-        return "\n".join([*out, "", self.verdict(), *[f"- {line}" for line in self._suggestion_lines()]])
+        advice = [line if line.startswith("  - ") else f"- {line}" for line in self.advice()]
+        return "\n".join([*out, "", self.verdict(), *advice])
 
 
 def lora_param_count(shape: ModelShape, rank: int, targets: str | list[str]) -> int:
@@ -540,8 +618,11 @@ def plan_memory(
         "fp32 input, rope cos/sin (logits exist one chunk at a time: transient)"
     )
     add("activations", "logits + loss", at.loss_kept, note + _live(at.loss_kept, moments["forward"].loss_kept))
-    other = ", ".join(f"{m} {(moments[m].total - at.total) / MB:+,.1f} MB" for m in moments if m != peak)
-    add("transient", "largest transient", at.transient, f"peak in {peak}: {at.transient_what}; other moments: {other}")
+    # each moment's gradients + activations + loss + transient (the peak's is the sum of those rows above)
+    others = ", ".join(f"{m} {moments[m].total / MB:,.1f}" for m in moments if m != peak)
+    note = f"peak in {peak}: {at.transient_what}; beyond weights, adapters and optimizer states it holds "
+    note += f"{at.total / MB:,.1f} MB, the other moments less ({others} MB)"
+    add("transient", "largest transient", at.transient, note)
 
     # Fragmentation hits what is allocated and freed every step: gradients, activations, transients.
     dynamic = sum(r.bytes for r in rows if r.category in ("activations", "transient") or "gradients" in r.item)
@@ -581,31 +662,71 @@ def phase_bytes(plan: MemoryPlan, moments: dict[str, Moment]) -> dict[str, int]:
 
 
 def _suggestions(plan: MemoryPlan) -> list[Suggestion]:
-    """Each knob turned on its own and the plan redone: how much it saves and whether that alone fits."""
-    s, shape, budget = plan.settings, plan.model, plan.gpu_bytes
-    changes: list[tuple[str, dict]] = []
-    if not s["checkpointing"]:
-        changes.append(("turn on gradient checkpointing", {"checkpointing": True}))
-    for knob, vary in (("batch_size", "batch"), ("seq_len", "seq")):
-        if s[knob] > 1:  # the largest value that fits, or half when none does
-            best = max_fitting(shape, budget, vary=vary, **s)
-            value = best if 0 < best < s[knob] else s[knob] // 2
-            changes.append((f"{vary} {s[knob]} -> {value}", {knob: value}))
+    """Changes that make the run fit, each replanned: one knob at a time, the fewest knobs together (when
+    it takes more than one), and the smallest memory that holds the run as it is. Only what fits."""
+    changes = _knob_changes(plan)
+    out = [sugg for text, knob in changes if (sugg := _replanned(plan, text, knob)).fits]
+    together = _fewest_together(plan, [(text, knob) for text, knob in changes if not {*knob} & {*VARIED}])
+    if together is not None and len(together.knob) > 1:
+        out.append(together)
+    need = plan.total
+    if plan.settings["device"] == "cuda":
+        bigger = next((g * GiB for g in GPU_SIZES_GIB if g * GiB >= need), None)
+        text = f"a {(bigger or 0) // GiB} GiB GPU"
+    else:  # a CPU run's budget is host memory: the plan's total, rounded up to 0.01 GiB
+        bigger = math.ceil(math.ceil(100 * need / GiB) * GiB / 100)
+        text = f"a budget of {gib_text(bigger)} GiB"
+    if bigger:
+        out.append(Suggestion(text, {"gpu_bytes": bigger}, need, 0, True))
+    return out
+
+
+VARIED = {"batch_size": "batch", "seq_len": "seq"}  # the knobs max_fitting searches
+
+
+def _knob_changes(plan: MemoryPlan) -> list[tuple[str, dict]]:
+    """Each knob turned on its own, the least invasive first; batch, sequence and checkpointing only when
+    the fixed part fits at all."""
+    s, changes = plan.settings, []
+    if plan.fixed_bytes <= plan.gpu_bytes:
+        if not s["checkpointing"]:
+            changes.append(("turn on gradient checkpointing", {"checkpointing": True}))
+        for key, vary in VARIED.items():
+            best = max_fitting(plan.model, plan.gpu_bytes, vary=vary, **s) if s[key] > 1 else 0
+            if best:  # the largest value that fits (0: not even 1 does)
+                changes.append((f"{vary} {s[key]} -> {best}", {key: best}))
+    if not s["optimizer"].endswith("8bit"):  # paged optimizers need CUDA
+        eight = "paged_adamw_8bit" if s["device"] == "cuda" else "adamw_8bit"
+        changes.append((f"{eight} optimizer", {"optimizer": eight}))
     if s["rank"] > 8:
         changes.append((f"rank {s['rank']} -> {s['rank'] // 4}", {"rank": s["rank"] // 4}))
     if s["targets"] != "attention":
         changes.append(("LoRA on attention only (q,k,v,o)", {"targets": "attention"}))
-    if not s["optimizer"].endswith("8bit"):
-        changes.append(("paged_adamw_8bit optimizer", {"optimizer": "paged_adamw_8bit"}))
-    out = []
-    for text, knob in changes:
-        new = plan_memory(shape, **{**s, **knob}, gpu_bytes=budget, suggest=False)
-        if new.total < plan.total:
-            out.append(Suggestion(text, knob, new.total, plan.total - new.total, bool(new.fits)))
-    bigger = next((g for g in GPU_SIZES_GIB if g * GiB >= plan.total), None)
-    if bigger:
-        out.append(Suggestion(f"a {bigger} GiB GPU", {"gpu_bytes": bigger * GiB}, plan.total, 0, True))
-    return out
+    return changes
+
+
+def _replanned(plan: MemoryPlan, text: str, knob: dict) -> Suggestion:
+    new = plan_memory(plan.model, **{**plan.settings, **knob}, gpu_bytes=plan.gpu_bytes, suggest=False)
+    return Suggestion(text, knob, new.total, plan.total - new.total, bool(new.fits))
+
+
+def _fewest_together(plan: MemoryPlan, changes: list[tuple[str, dict]]) -> Suggestion | None:
+    """The first of ``changes`` (in their order), each time with the largest batch, else sequence, that
+    fits with them, until the run fits; None if even all of them do not make it fit."""
+    texts, knob = [], {}
+    for text, change in changes:
+        texts, knob = [*texts, text], {**knob, **change}
+        together = _replanned(plan, ", ".join(texts), knob)
+        for key, vary in VARIED.items():
+            now = {**plan.settings, **knob}[key]
+            if together.fits or now == 1:
+                continue
+            best = max_fitting(plan.model, plan.gpu_bytes, vary, **{**plan.settings, **knob})
+            if best:  # then it fits: max_fitting's answer does by definition
+                together = _replanned(plan, f"{together.change}, {vary} {now} -> {best}", {**knob, key: best})
+        if together.fits:
+            return together
+    return None
 
 
 def max_fitting(shape: ModelShape, gpu_bytes: int, vary: str = "batch", **knobs) -> int:
@@ -670,10 +791,85 @@ def paper_comparison() -> list[dict]:
     return [{"item": i, "paper_mb": p, "ours_mb": round(b / MB), "why": w} for i, p, b, w in table]
 
 
+# --- the budget of a training run (model.max_memory_gb) ------------------------------------------------------
+
+
+def largest_micro_batch(cfg, data) -> tuple[int, int, int]:
+    """(rows, width, labelled positions) that bound every training micro-batch of the run.
+
+    ``train.micro_batch_size`` rows (fewer when there are fewer examples) as wide as the longest example,
+    or as the packing block (``data.cutoff_len``); the labelled positions are those of the examples with
+    the most labels, at most ``rows x (width - 1)`` (the loss predicts each token from the one before).
+    """
+    from qlora_kit.data import trainable_tokens
+
+    rows = min(cfg.train.micro_batch_size, len(data.train))
+    width = cfg.data.cutoff_len if cfg.data.packing else data.stats.max_length
+    labelled = rows * (width - 1)
+    if not cfg.data.packing:  # one example per row
+        labelled = min(labelled, sum(sorted((trainable_tokens(e) for e in data.train), reverse=True)[:rows]))
+    return rows, width, labelled
+
+
+def plan_run(cfg, data, gpu_bytes: int | None = None) -> MemoryPlan:
+    """The plan of a recipe's largest micro-batch, from the checkpoint's ``config.json`` alone."""
+    from qlora_kit.loading import DTYPES
+    from qlora_kit.train import resolve_run_dtypes
+
+    device, dtype, adapter_dtype = resolve_run_dtypes(cfg)
+    names = {value: name for name, value in DTYPES.items()}
+    rows, width, labelled = largest_micro_batch(cfg, data)
+    knobs = dict(rank=cfg.lora.r, targets=cfg.lora.targets, optimizer=cfg.train.optimizer, device=device.type)
+    knobs |= dict(checkpointing=cfg.model.gradient_checkpointing, lora_dropout=cfg.lora.dropout)
+    knobs |= dict(compute_dtype=names[dtype], adapter_dtype=names[adapter_dtype])
+    knobs |= dict(grad_accumulation=cfg.train.gradient_accumulation_steps)
+    shape = checkpoint_shape(cfg.model.name_or_path)
+    return plan_memory(shape, seq_len=width, batch_size=rows, label_tokens=labelled, **knobs, gpu_bytes=gpu_bytes)
+
+
+def check_budget(cfg, data) -> MemoryPlan | None:
+    """Refuse a run whose planned peak exceeds ``model.max_memory_gb`` (GiB), before anything is loaded.
+
+    The error holds the plan's table, its verdict and the changes that fit, as ``qlora-kit train``
+    overrides. Nothing is checked (None) without a budget.
+    """
+    from qlora_kit.train import resolve_run_dtypes
+
+    budget = cfg.model.max_memory_gb
+    if budget is None:
+        return None
+    resolve_run_dtypes(cfg)  # its errors (device=cuda without a GPU) are the recipe's, not the planner's
+    try:
+        plan = plan_run(cfg, data, gpu_bytes=int(budget * GiB))
+    except QloraKitError as e:
+        raise QloraKitError(
+            f"model.max_memory_gb = {budget:g}: the memory planner cannot plan this run ({e}); "
+            "set model.max_memory_gb=null to train without the check"
+        ) from None
+    s = plan.settings
+    batch = f"{s['batch_size']} x {s['seq_len']} tokens, {s['label_tokens']:,} labelled"
+    if plan.fits:
+        print(f"memory plan: {plan.total / GiB:.2f} GiB of the {budget:g} GiB budget (largest micro-batch {batch})")
+        return plan
+    raise QloraKitError(
+        f"model.max_memory_gb = {budget:g} GiB: this run does not fit; nothing was loaded or written. The plan of "
+        f"its largest micro-batch ({batch}):\n{plan.table(recipe=True)}\n"
+        "Apply a change with its override [in brackets], or raise model.max_memory_gb (null: no check)."
+    )
+
+
 # --- CLI ---------------------------------------------------------------------------------------------------
 
 
-def parse_size(text: str) -> int:
+EXIT_DOES_NOT_FIT = 3  # `qlora-kit plan` exit status when the run does not fit (2 is the CLI's bad input)
+PLAN_EPILOG = f"""exit status:
+  0  the run fits in --gpu (or no --gpu was given)
+  2  bad input (the message says what to fix)
+  {EXIT_DOES_NOT_FIT}  the run does not fit in --gpu (with --max: not even 1 fits); the table says why and what fits
+"""
+
+
+def parse_size(text: str, flag: str = "--gpu") -> int:
     """'24GB', '24GiB', '24G' -> 24 GiB (GPU memory comes in GiB-sized units); '500MB' -> MiB; bytes."""
     t = text.strip().upper().replace("IB", "B")
     units = {"TB": 2**40, "GB": GiB, "MB": 2**20, "T": 2**40, "G": GiB, "M": 2**20}
@@ -681,12 +877,21 @@ def parse_size(text: str) -> int:
     try:
         value = float(t.removesuffix(unit) if unit else t)
     except ValueError:
-        raise QloraKitError(f"--gpu {text!r}: write a size like 24GB, 80GB or a number of bytes") from None
+        value = math.nan
+    if not (math.isfinite(value) and value * units.get(unit, 1) >= 1):
+        raise QloraKitError(
+            f"{flag} {text!r}: write a memory size above 0, like 24GB or 80GB (read as GiB) or a number of bytes"
+        )
     return int(value * units.get(unit, 1))
 
 
 def plan_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="qlora-kit plan", description="Plan the GPU memory of a QLoRA run.")
+    p = argparse.ArgumentParser(
+        prog="qlora-kit plan",
+        description="Plan the GPU memory of a QLoRA run.",
+        epilog=PLAN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--model", help="HF checkpoint dir, hub id, short id or preset (see --list-presets)")
     p.add_argument("--seq", type=int, default=512, help="sequence length in tokens (default 512)")
     p.add_argument("--batch", type=int, default=1, help="micro batch size (default 1)")
@@ -712,18 +917,31 @@ def plan_main(argv: list[str] | None = None) -> int:
         return 0
     if not args.model:
         p.error("--model is required (an HF dir, hub id or one of --list-presets)")
-    if args.max and not args.gpu:
+    if args.max and args.gpu is None:
         p.error("--max needs --gpu")
-    gpu = parse_size(args.gpu) if args.gpu else None
+    gpu = parse_size(args.gpu) if args.gpu is not None else None
     knobs = dict(seq_len=args.seq, batch_size=args.batch, rank=args.rank, targets=args.targets)
     knobs |= dict(optimizer=args.optimizer, checkpointing=args.checkpointing == "on", device=args.device)
     knobs |= dict(compute_dtype=args.compute_dtype, adapter_dtype=args.adapter_dtype, lora_dropout=args.dropout)
     knobs |= dict(grad_accumulation=args.accum)
     shape = model_shape(args.model)
     if args.max:
-        best = max_fitting(shape, gpu, vary=args.max, **knobs)
-        print(json.dumps({args.max: best}) if args.json else f"largest {args.max} that fits in {args.gpu}: {best}")
-        return 0
+        return _print_max(shape, gpu, args.max, args.json, knobs)
     plan = plan_memory(shape, **knobs, gpu_bytes=gpu)
     print(plan.to_json() if args.json else plan.table())
-    return 0
+    return EXIT_DOES_NOT_FIT if plan.fits is False else 0
+
+
+def _print_max(shape: ModelShape, gpu: int, vary: str, as_json: bool, knobs: dict) -> int:
+    """``--max batch|seq``: the largest value that fits; when not even 1 does, why, and exit status 3."""
+    best = max_fitting(shape, gpu, vary=vary, **knobs)
+    if as_json:
+        print(json.dumps({vary: best}))
+    elif best:
+        print(f"largest {vary} that fits in {gib_text(gpu)} GiB: {best}")
+    else:
+        key = {"batch": "batch_size", "seq": "seq_len"}[vary]
+        plan = plan_memory(shape, **{**knobs, key: 1}, gpu_bytes=gpu)
+        print(f"no {vary} fits in {gib_text(gpu)} GiB: not even {vary} 1 ({plan.total / GiB:.2f} GiB planned)")
+        print("\n".join(plan.advice()))
+    return 0 if best else EXIT_DOES_NOT_FIT

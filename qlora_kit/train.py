@@ -33,6 +33,7 @@ from qlora_kit.data import IGNORE_INDEX, BatchPlan, PreparedData, alpaca_prompt,
 from qlora_kit.errors import QloraKitError
 from qlora_kit.loading import load_model, load_tokenizer, resolve_device, resolve_dtype
 from qlora_kit.lora import LoRAReport, add_lora
+from qlora_kit.memory import check_budget
 
 LOSS_CHUNK_TOKENS = 1024  # logits are materialized for this many tokens at a time (see causal_lm_loss)
 SMOOTHING_STEPS = 10  # the progress bar's loss is the mean over this many steps
@@ -268,6 +269,7 @@ def train(cfg: RunConfig) -> TrainResult:
             f"or choose another output.dir; to train on, raise train.max_steps"
         )
         return TrainResult(out, resume_from.step, "completed")
+    check_budget(cfg, data)  # model.max_memory_gb: refuse a run that cannot fit before loading the model
     model, report = load_lora_model(cfg, device, dtype, adapter_dtype)
     base_name = cfg.model.name_or_path
     print(report)

@@ -278,6 +278,10 @@ def test_recipe_file_problems(tmp_path):
         ("data.val_set_size=-1", "data.val_set_size = -1.0"),
         ("data.val_set_size=1.5", "data.val_set_size = 1.5"),
         ("data.max_samples=0", "data.max_samples = 0"),
+        ("model.max_memory_gb=0", "model.max_memory_gb = 0.0: must be a number of GiB > 0, or null"),
+        ("model.max_memory_gb=-24", "model.max_memory_gb = -24.0: must be a number of GiB > 0, or null"),
+        ("model.max_memory_gb=inf", "model.max_memory_gb = inf: must be a number of GiB > 0, or null"),
+        ("model.max_memory_gb=nan", "model.max_memory_gb = nan: must be a number of GiB > 0, or null"),
         (
             "model.compute_dtype=float32",
             "model.compute_dtype = 'float32': allowed values: auto, bf16, fp16, fp32",

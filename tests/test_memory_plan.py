@@ -11,6 +11,7 @@ import torch
 
 from qlora_kit.errors import QloraKitError
 from qlora_kit.memory import (
+    EXIT_DOES_NOT_FIT,
     MB,
     PRESETS,
     GiB,
@@ -23,6 +24,8 @@ from qlora_kit.memory import (
     parse_size,
     plan_main,
     plan_memory,
+    recipe_overrides,
+    step_moments,
 )
 
 LLAMA_7B, LLAMA_65B = PRESETS["llama-7b"], PRESETS["llama-65b"]
@@ -272,12 +275,23 @@ def test_model_shape_presets_and_errors():
 def test_parse_size():
     assert parse_size("24GB") == parse_size("24GiB") == parse_size("24g") == 24 * 2**30
     assert parse_size("80000000000") == 80 * 10**9
+    assert parse_size("1") == 1 and parse_size("0.5GB") == GiB // 2
     with pytest.raises(QloraKitError, match="--gpu"):
         parse_size("lots")
 
 
+@pytest.mark.parametrize("size", ["0GB", "0", "-3GB", "-1", "0.0000000001GB", "inf", "nan", "GB", ""])
+def test_plan_refuses_a_gpu_size_that_is_not_above_0(capsys, size):
+    from qlora_kit.cli import main
+
+    assert main(["plan", "--model", "llama-7b", f"--gpu={size}"]) == 2
+    captured = capsys.readouterr()
+    assert f"--gpu {size!r}: write a memory size above 0, like 24GB" in captured.err
+    assert captured.out == ""  # no table for a budget that means nothing
+
+
 def test_plan_main_prints_table_verdict_and_suggestions(capsys):
-    assert plan_main(["--model", "llama-65b", "--gpu", "24GB"]) == 0
+    assert plan_main(["--model", "llama-65b", "--gpu", "24GB"]) == EXIT_DOES_NOT_FIT == 3
     out = capsys.readouterr().out
     assert "NF4 codes" in out and "total" in out and "does NOT fit in 24 GiB" in out and "48 GiB GPU" in out
     assert plan_main(["--model", "llama-7b", "--gpu", "24GB", "--max", "batch", "--json"]) == 0
@@ -287,6 +301,88 @@ def test_plan_main_prints_table_verdict_and_suggestions(capsys):
     assert json.loads(capsys.readouterr().out)["settings"]["checkpointing"] is False
     assert plan_main(["--list-presets"]) == 0
     assert "qwen2.5-72b" in capsys.readouterr().out
+
+
+def test_plan_exit_status_is_0_when_it_fits_and_3_when_not_and_the_help_says_so(capsys):
+    assert plan_main(["--model", "llama-7b", "--gpu", "24GB"]) == 0
+    assert "fits in 24 GiB" in capsys.readouterr().out
+    assert plan_main(["--model", "llama-7b"]) == 0  # no budget: nothing to fit
+    assert "does NOT fit" not in capsys.readouterr().out
+    assert plan_main(["--model", "llama-7b", "--gpu", "4GB", "--json"]) == EXIT_DOES_NOT_FIT
+    assert json.loads(capsys.readouterr().out)["fits"] is False
+    with pytest.raises(SystemExit) as e:
+        plan_main(["--help"])
+    assert e.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "exit status: 0 the run fits in --gpu" in help_text and "2 bad input" in help_text
+    assert "3 the run does not fit in --gpu (with --max: not even 1 fits)" in help_text
+
+
+def test_65b_at_24_gib_says_the_weights_alone_are_over_and_suggests_nothing_that_cannot_fit(capsys):
+    assert plan_main(["--model", "llama-65b", "--gpu", "24GB"]) == EXIT_DOES_NOT_FIT
+    out = capsys.readouterr().out
+    plan = plan_memory(LLAMA_65B, gpu_bytes=24 * GiB)
+    assert plan.weight_bytes / 1e9 == pytest.approx(34.46, abs=0.01)
+    assert (
+        "the 4-bit weights and embeddings alone are 34.5 GB (32.09 GiB), more than the 24 GiB budget: no batch, "
+        "sequence, checkpointing, rank, target or optimizer setting can fit; this run as planned needs 42.24 GiB"
+    ) in out
+    advice = out[out.index("what fits") :].splitlines()[1:]
+    assert advice == ["  - a 48 GiB GPU"]  # rank / 4, seq / 2 ... saved some MB but never reached 24 GiB
+    assert [s.change for s in plan.suggestions] == ["a 48 GiB GPU"]
+
+
+def test_fixed_part_over_budget_drops_activation_knobs_and_combines_the_others():
+    # LLaMA-7B, seq 2048 x batch 4: weights fit in 5 GiB, weights + adapters + optimizer + context do not.
+    plan = plan_memory(LLAMA_7B, seq_len=2048, batch_size=4, gpu_bytes=5 * GiB)
+    assert plan.weight_bytes < 5 * GiB < plan.fixed_bytes
+    assert "no batch, sequence or checkpointing setting can fit" in plan.limits()
+    changes = [s.change for s in plan.suggestions]
+    assert changes == [
+        "paged_adamw_8bit optimizer, rank 64 -> 16, seq 2048 -> 355",  # the fewest knobs, least invasive first
+        "a 24 GiB GPU",
+    ]
+    for s in plan.suggestions:  # every one listed fits when replanned
+        assert s.fits and plan_memory(LLAMA_7B, **{**plan.settings, "gpu_bytes": 5 * GiB, **s.knob}).fits
+    # with the whole budget spent on fixed bytes, even the fewest changes cannot help: said so, nothing listed
+    plan = plan_memory(LLAMA_7B, gpu_bytes=4 * GiB)
+    assert [s.change for s in plan.suggestions] == ["a 24 GiB GPU"]
+    huge = plan_memory(PRESETS["qwen2.5-72b"], seq_len=4096, batch_size=64, gpu_bytes=24 * GiB)
+    assert huge.suggestions == [] and "nothing tried fits" in huge.table()
+
+
+def test_suggestions_as_recipe_overrides():
+    assert recipe_overrides({"batch_size": 2, "checkpointing": True}) == (
+        "train.micro_batch_size=2 model.gradient_checkpointing=true"
+    )
+    assert recipe_overrides({"gpu_bytes": 48 * GiB}) == "model.max_memory_gb=48"
+    cpu = plan_memory(LLAMA_7B, device="cpu", gpu_bytes=7 * GiB)  # paged optimizers need CUDA: not suggested
+    assert "adamw_8bit optimizer" in [s.change for s in cpu.suggestions]
+    assert cpu.suggestions[-1].change == f"a budget of {math.ceil(100 * cpu.total / GiB) / 100:g} GiB"
+
+
+def test_the_transient_note_gives_each_moments_total_not_differences():
+    plan = plan_memory(LLAMA_65B, gpu_bytes=24 * GiB)
+    note = next(r.note for r in plan.rows if r.item == "largest transient")
+    moments = step_moments(LLAMA_65B, plan.settings, n_lora=lora_param_count(LLAMA_65B, 64, "all-linear"))
+    live = sum(r.bytes for r in plan.rows if r.category in ("activations", "transient") or r.item == "LoRA gradients")
+    assert moments[plan.peak_moment].total == live  # the peak's figure is the sum of those rows
+    assert f"it holds {live / MB:,.1f} MB" in note
+    for name, moment in moments.items():
+        if name != plan.peak_moment:
+            assert f"{name} {moment.total / MB:,.1f}" in note and moment.total <= live
+    assert "-" not in note.split("holds")[1]  # no negative differences
+
+
+def test_max_with_nothing_fitting_says_why_and_exits_3(capsys):
+    assert plan_main(["--model", "llama-7b", "--gpu", "4GB", "--max", "batch"]) == EXIT_DOES_NOT_FIT
+    out = capsys.readouterr().out
+    assert out.startswith("no batch fits in 4 GiB: not even batch 1 (6.09 GiB planned)")
+    assert "optimizer states and runtime alone are 6.0 GB" in out
+    assert plan_main(["--model", "llama-65b", "--gpu", "24GB", "--max", "seq", "--json"]) == EXIT_DOES_NOT_FIT
+    assert json.loads(capsys.readouterr().out) == {"seq": 0}
+    assert plan_main(["--model", "llama-7b", "--gpu", "24GB", "--max", "seq"]) == 0
+    assert capsys.readouterr().out == f"largest seq that fits in 24 GiB: {max_fitting(LLAMA_7B, 24 * GiB, 'seq')}\n"
 
 
 @pytest.mark.slow
