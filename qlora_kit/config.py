@@ -28,18 +28,14 @@ from typing import Any
 import yaml
 
 from qlora_kit.errors import QloraKitError
-
-DTYPES = ("auto", "bf16", "fp16", "fp32")
-# LoRA target presets -> the leaf module names they select (None: every linear in the decoder layers,
-# never lm_head). Defined here, free of torch, so config validation and the planner need no model code.
-TARGET_PRESETS: dict[str, tuple[str, ...] | None] = {
-    "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
-    "all-linear": None,
-}
-DATA_FORMATS = ("alpaca", "chat")
-TEMPLATES = ("alpaca",)
-LR_SCHEDULERS = ("constant", "cosine", "linear")
-OPTIMIZERS = ("auto", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit", "adamw")
+from qlora_kit.facts import (
+    DATA_FORMATS,
+    DTYPE_CHOICES,
+    LR_SCHEDULERS,
+    OPTIMIZER_CHOICES,
+    TARGET_PRESETS,
+    TEMPLATES,
+)
 
 
 @dataclass
@@ -426,7 +422,7 @@ def validate(cfg: RunConfig) -> None:
 
     m, lo, d, t, o = cfg.model, cfg.lora, cfg.data, cfg.train, cfg.output
     check(bool(m.name_or_path.strip()), "model.name_or_path", "must not be empty")
-    choice("model.compute_dtype", DTYPES)
+    choice("model.compute_dtype", DTYPE_CHOICES)
     check(
         re.fullmatch(r"auto|cpu|cuda(:\d+)?", m.device) is not None,
         "model.device",
@@ -451,7 +447,7 @@ def validate(cfg: RunConfig) -> None:
             "lora.targets",
             "a list must hold at least one non-empty module name, e.g. [q_proj, v_proj]",
         )
-    choice("lora.adapter_dtype", DTYPES)
+    choice("lora.adapter_dtype", DTYPE_CHOICES)
 
     check(bool(d.path.strip()), "data.path", "must not be empty")
     choice("data.format", DATA_FORMATS)
@@ -480,7 +476,7 @@ def validate(cfg: RunConfig) -> None:
     check(0 <= t.adam_beta1 < 1, "train.adam_beta1", "must be in [0, 1)")
     check(0 <= t.adam_beta2 < 1, "train.adam_beta2", "must be in [0, 1)")
     check(t.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 disables clipping)")
-    choice("train.optimizer", OPTIMIZERS)
+    choice("train.optimizer", OPTIMIZER_CHOICES)
     check(t.eval_steps >= 0, "train.eval_steps", "must be >= 0")
     check(t.save_steps >= 0, "train.save_steps", "must be >= 0")
     check(t.save_total_limit >= 1, "train.save_total_limit", "must be >= 1")

@@ -13,15 +13,14 @@ stacks that read that layout load them; ``peft`` itself is never imported here.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from qlora_kit.config import TARGET_PRESETS
 from qlora_kit.errors import QloraKitError
+from qlora_kit.facts import select_targets
 from qlora_kit.quant import NF4Linear
 
 
@@ -202,27 +201,7 @@ def decoder_linear_names(model: nn.Module) -> list[str]:
 
 def resolve_targets(model: nn.Module, targets: str | Iterable[str]) -> list[str]:
     """Full names of the linears ``targets`` selects: a preset name or explicit (leaf or dotted) names."""
-    candidates = decoder_linear_names(model)
-    if isinstance(targets, str) and targets in TARGET_PRESETS:
-        wanted = TARGET_PRESETS[targets]
-        if wanted is None:
-            return candidates
-    else:
-        wanted = (targets,) if isinstance(targets, str) else tuple(targets)
-    leaf_names = sorted({name.rsplit(".", 1)[-1] for name in candidates})
-    selected: list[str] = []
-    for target in wanted:
-        # "q_proj" matches every layer's q_proj; "self_attn.q_proj" or "layers.0.mlp.up_proj" match suffixes.
-        pattern = re.compile(rf"(^|\.){re.escape(target)}$")
-        hits = [name for name in candidates if pattern.search(name)]
-        if not hits:
-            raise QloraKitError(
-                f"LoRA target {target!r} matches no linear layer in the decoder layers. "
-                f"The model's linear layers are: {', '.join(leaf_names)} (or use a preset: "
-                f"{', '.join(TARGET_PRESETS)})"
-            )
-        selected += [name for name in hits if name not in selected]
-    return [name for name in candidates if name in selected]  # model order
+    return select_targets(targets, decoder_linear_names(model))
 
 
 def add_lora(

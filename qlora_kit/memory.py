@@ -15,8 +15,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from qlora_kit.config import TARGET_PRESETS
 from qlora_kit.errors import QloraKitError
+from qlora_kit.facts import TARGET_PRESETS
 
 MB = 10**6  # every figure we print is in decimal MB / GB; GPU sizes are in GiB (see parse_size)
 GiB = 2**30

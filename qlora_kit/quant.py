@@ -26,8 +26,8 @@ import bitsandbytes.functional as bnbf
 import torch
 from torch import nn
 
-NF4_BLOCKSIZE = 64
-ABSMAX_BLOCKSIZE = 256  # double quantization block, fixed by bitsandbytes' quantize_4bit
+from qlora_kit.facts import ABSMAX_BLOCKSIZE, NF4_BLOCKSIZE
+
 QUANTIZE_SLICE = 1 << 20  # values quantized per call in load_weight: a multiple of NF4_BLOCKSIZE (and even)
 
 
