@@ -1,0 +1,163 @@
+"""The run config's schema: one typed dataclass per section, each field followed by its docstring.
+
+The attribute docstrings are the CLI help text and the comments ``to_yaml`` writes above each key
+(``render.field_docs`` reads them from this source), so the documentation cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import functools
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+@dataclass
+class ModelConfig:
+    """The base model and where it runs."""
+
+    name_or_path: str = "smollm2-135m-instruct"
+    """HF checkpoint dir, hub id (owner/name) or a short id from qlora_kit.models.SHORT_IDS."""
+    compute_dtype: str = "auto"
+    """auto|bf16|fp16|fp32. auto = bf16 on a bf16-capable GPU, fp32 on CPU (bf16 matmul is slow on CPUs)."""
+    device: str = "auto"
+    """auto|cpu|cuda|cuda:N. auto = cuda when available, else cpu."""
+    gradient_checkpointing: bool = True
+    """Recompute each decoder layer's activations in backward (non-reentrant): less memory, more compute."""
+    max_memory_gb: float | None = None
+    """Optional memory budget in GiB (2^30 bytes, as `qlora-kit plan --gpu`: a "24 GB" card has 24 GiB).
+    Before loading the model, train plans its largest micro-batch and refuses to start, with the plan and
+    what to change, when it does not fit; on CPU the plan's device is cpu. null = no check."""
+
+
+@dataclass
+class LoRAConfig:
+    """The low-rank adapters added to the frozen 4-bit base."""
+
+    r: int = 16
+    """Rank of the adapter matrices A (r x in) and B (out x r)."""
+    alpha: float = 32.0
+    """Scale numerator: the adapter output is multiplied by alpha/r (alpha/sqrt(r) with use_rslora)."""
+    dropout: float = 0.05
+    """Dropout on the adapter input during training, in [0, 1)."""
+    targets: list[str] | str = "all-linear"
+    """Which linears get adapters: attention | all-linear | a list of module names, e.g. [q_proj, v_proj]."""
+    use_rslora: bool = False
+    """Rank-stabilized LoRA: scale by alpha/sqrt(r) instead of alpha/r."""
+    adapter_dtype: str = "auto"
+    """auto|bf16|fp16|fp32 for the adapter weights. auto = bf16 on a bf16-capable GPU, fp32 on CPU."""
+
+
+@dataclass
+class DataConfig:
+    """The training data and how it becomes token ids."""
+
+    path: str = "recipes/data/text_tools_train.jsonl"
+    """Local json/jsonl/csv/parquet file (or dir) or a hub dataset name."""
+    format: str = "alpaca"
+    """alpaca (instruction/input/output rows) | chat (rows holding a list of role/content messages)."""
+    split: str = "train"
+    """Split of a hub or local dataset to train on."""
+    val_path: str | None = None
+    """Optional separate validation file (same format as path)."""
+    val_set_size: float = 0.0
+    """Rows of path held out for validation when val_path is null:
+    a row count if >= 1, a fraction of the rows if < 1, 0 = none."""
+    column_map: dict[str, str] = field(default_factory=dict)
+    """Our field name -> dataset column name, e.g. {output: response}; for chat: {messages: conversations}."""
+    template: str = "alpaca"
+    """Prompt template for the alpaca format (the Alpaca-LoRA templates)."""
+    cutoff_len: int = 256
+    """Max tokens per example; longer examples are truncated."""
+    train_on_inputs: bool = False
+    """Also train on prompt tokens; false masks them to -100 so only the response is learned."""
+    add_eos: bool = True
+    """Append the tokenizer's eos token to each example so the model learns to stop."""
+    group_by_length: bool = True
+    """Batch examples of similar length together to waste less compute on padding."""
+    packing: bool = False
+    """Concatenate examples into sequences of cutoff_len tokens instead of padding each one."""
+    max_samples: int | None = None
+    """Use only the first N rows (for debugging); null = all rows."""
+    shuffle_seed: int = 42
+    """Seed for shuffling the rows and for the validation split."""
+
+
+@dataclass
+class TrainConfig:
+    """The optimization loop."""
+
+    micro_batch_size: int = 1
+    """Examples per forward/backward pass."""
+    gradient_accumulation_steps: int = 16
+    """Micro-batches per optimizer step; effective batch = micro_batch_size * this."""
+    num_epochs: float = 1.0
+    """Passes over the training data (fractions allowed); ignored when max_steps > 0."""
+    max_steps: int = -1
+    """Number of optimizer steps; > 0 overrides num_epochs."""
+    learning_rate: float = 2e-4
+    """Peak learning rate."""
+    lr_scheduler: str = "constant"
+    """constant|cosine|linear decay after warmup."""
+    warmup_ratio: float = 0.03
+    """Fraction of the optimizer steps spent warming up linearly from 0, in [0, 1)."""
+    warmup_steps: int = 0
+    """Warmup length in optimizer steps; > 0 overrides warmup_ratio."""
+    weight_decay: float = 0.0
+    """Decoupled (AdamW) weight decay on the adapter weights."""
+    adam_beta1: float = 0.9
+    """AdamW beta1, in [0, 1)."""
+    adam_beta2: float = 0.999
+    """AdamW beta2, in [0, 1)."""
+    max_grad_norm: float = 0.3
+    """Clip the global gradient norm to this; 0 disables clipping."""
+    optimizer: str = "auto"
+    """auto|paged_adamw_32bit|paged_adamw_8bit|adamw_8bit|adamw.
+    auto = paged_adamw_32bit on CUDA, adamw on CPU."""
+    eval_steps: int = 0
+    """Evaluate every N optimizer steps; 0 = only at the start and the end."""
+    save_steps: int = 0
+    """Save a checkpoint every N optimizer steps; 0 = only at the end."""
+    save_total_limit: int = 2
+    """Keep at most this many checkpoints; older ones are deleted."""
+    logging_steps: int = 1
+    """Log metrics every N optimizer steps."""
+    seed: int = 42
+    """Seed for adapter init, dropout and data order."""
+    resume: str = "auto"
+    """auto (continue from the latest checkpoint in output.dir, if any) | none (start over) | PATH to a
+    checkpoint dir. With auto, running the same command again after a stop continues where it stopped."""
+
+
+@dataclass
+class OutputConfig:
+    """Where results go and what is shown."""
+
+    dir: str = "runs/default"
+    """Output dir: adapter, checkpoints, metrics, config.yaml."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files (needs the tensorboard package)."""
+    sample_prompts: list[str] = field(default_factory=list)
+    """Prompts generated before and after training, to see what the adapter changed."""
+    sample_max_new_tokens: int = 64
+    """Max new tokens generated per sample prompt."""
+
+
+@dataclass
+class RunConfig:
+    """One training run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(RunConfig)[f.name] for f in fields(RunConfig)}
+
+
+@functools.cache
+def field_types(cls: type) -> dict[str, Any]:
+    """Field name -> resolved type hint of a config dataclass (the hints are strings under __future__)."""
+    return typing.get_type_hints(cls)
