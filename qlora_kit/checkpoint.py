@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from qlora_kit.adapter import WEIGHTS_NAME, replace_dir, write_adapter_files
+from qlora_kit.adapter import WEIGHTS_NAME, write_adapter_files
+from qlora_kit.atomic import atomic_dir
 from qlora_kit.errors import QloraKitError
 from qlora_kit.lora import load_lora_state_dict
 
@@ -69,24 +69,17 @@ def save_checkpoint(
     keep_last: int,
 ) -> Path:
     """Write checkpoint ``step`` atomically and keep only the newest ``keep_last`` checkpoints."""
-    root = checkpoint_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    target = root / f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=root))
+    target = checkpoint_dir(run_dir) / f"step-{step:06d}"
     try:
-        write_adapter_files(model, tmp, base_model_name_or_path)
-        torch.save({**training_state, "step": step, "rng": rng_state()}, tmp / STATE_NAME)
-        (tmp / MARKER_NAME).write_text(json.dumps({"step": step}) + "\n")
-        replace_dir(tmp, target)
+        with atomic_dir(target) as tmp:
+            write_adapter_files(model, tmp, base_model_name_or_path)
+            torch.save({**training_state, "step": step, "rng": rng_state()}, tmp / STATE_NAME)
+            (tmp / MARKER_NAME).write_text(json.dumps({"step": step}) + "\n")
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise QloraKitError(
             f"could not write checkpoint {target} ({e}); earlier checkpoints are untouched. "
             "Free disk space (or lower train.save_total_limit) and resume with train.resume=auto"
         ) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     # Only intact checkpoints count and are pruned: a damaged one is left for the user to look at or delete
     # (resume=auto refuses to pass over it silently), and it never pushes a good one out.
     intact = [c for c in list_checkpoints(run_dir) if c.damage is None]

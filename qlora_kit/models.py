@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from qlora_kit.atomic import atomic_dir
 from qlora_kit.errors import QloraKitError
 
 
@@ -114,16 +113,8 @@ def convert_gguf_to_safetensors(gguf: Path, out: Path) -> None:
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # tied: stored once, as the embedding
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
         config.save_pretrained(tmp)
         GenerationConfig.from_model_config(config).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
