@@ -3,15 +3,21 @@
 ``peft.PeftModel.from_pretrained(base, dir)`` loads what ``save_adapter`` writes, and ``load_adapter``
 loads what peft writes (LoRA on linear layers, bias "none"). Writes are atomic: files go to a temp dir
 beside the target, which is renamed into place only when complete.
+
+qlora-kit's own facts about an adapter or an exported dir (the prompt template the run trained with; for an
+export, that it is one) go into ``qlora_kit.json`` beside the peft files, not into ``adapter_config.json``:
+peft warns about unknown keys there (0.21) or refuses them (older releases).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -22,6 +28,7 @@ from qlora_kit.lora import add_lora, decoder_linear_names, load_lora_state_dict,
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+METADATA_NAME = "qlora_kit.json"
 
 
 @dataclass
@@ -67,23 +74,39 @@ def adapter_config_of(model: nn.Module, base_model_name_or_path: str | None = No
     return AdapterConfig(first.r, first.alpha, dropout, targets, first.use_rslora, base_model_name_or_path)
 
 
-def write_adapter_files(model: nn.Module, directory: Path, base_model_name_or_path: str | None = None) -> None:
-    """Write the two adapter files into an existing directory (no atomicity: callers own the directory)."""
+def write_adapter_files(
+    model: nn.Module,
+    directory: Path,
+    base_model_name_or_path: str | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> None:
+    """Write the adapter files (and ``metadata`` as qlora_kit.json) into an existing directory.
+
+    No atomicity: callers own the directory.
+    """
     config = adapter_config_of(model, base_model_name_or_path)
     state = {k: v.contiguous() for k, v in lora_state_dict(model).items()}
     save_file(state, directory / WEIGHTS_NAME, metadata={"format": "pt"})
     (directory / CONFIG_NAME).write_text(json.dumps(config.to_peft_json(), indent=2) + "\n")
+    if metadata is not None:
+        write_metadata(directory, {"kind": "adapter", **metadata})
 
 
-def save_adapter(model: nn.Module, directory: str | Path, base_model_name_or_path: str | None = None) -> Path:
-    """Atomically (re)write ``directory`` as a PEFT-layout adapter dir."""
+def save_adapter(
+    model: nn.Module,
+    directory: str | Path,
+    base_model_name_or_path: str | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Atomically (re)write ``directory`` as a PEFT-layout adapter dir (``metadata``: see ``write_metadata``)."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise QloraKitError(f"{directory} is a file; choose a directory path for the adapter")
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
-        write_adapter_files(model, tmp, base_model_name_or_path)
+        write_adapter_files(model, tmp, base_model_name_or_path, metadata)
+        apply_umask(tmp)
         replace_dir(tmp, directory)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -96,6 +119,41 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model_name_or_pat
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def apply_umask(directory: Path) -> None:
+    """Give a dir made by ``tempfile.mkdtemp`` (mode 0700) and the files in it the modes any other tool's output
+    gets: 0777 / 0666 minus the user's umask (safetensors writes its files 0600, copies keep their source's mode).
+    """
+    mask = os.umask(0)  # the only way to read the umask; set back at once (this process writes no files meanwhile)
+    os.umask(mask)
+    for path in [directory, *directory.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+def write_metadata(directory: Path, metadata: dict[str, Any]) -> None:
+    """qlora-kit's facts about an adapter or export dir: ``kind`` ("adapter" | "export"), ``template``
+    (the prompt template of the training data: "alpaca" | "chat"), and for an export where it came from."""
+    (directory / METADATA_NAME).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+
+
+def read_metadata(directory: Path) -> dict[str, Any]:
+    """What ``write_metadata`` wrote in ``directory``; {} for a dir without it (other tools', older runs')."""
+    path = directory / METADATA_NAME
+    if not path.is_file():
+        return {}
+    try:
+        metadata = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise QloraKitError(
+            f"{path} is damaged ({e}). It only records the prompt template and where the dir came from: "
+            "delete it (generate then needs --template alpaca or chat)"
+        ) from None
+    if not isinstance(metadata, dict):
+        raise QloraKitError(
+            f"{path} should hold a JSON object; delete it (generate then needs --template alpaca or chat)"
+        )
+    return metadata
 
 
 def replace_dir(new: Path, target: Path) -> None:
@@ -111,6 +169,21 @@ def replace_dir(new: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         new.rename(target)
+
+
+def find_adapter_dir(source: Path) -> Path:
+    """``source`` itself when it is an adapter dir, or the ``adapter/`` inside a training run dir."""
+    if not source.exists():
+        raise QloraKitError(f"{source} does not exist; pass a training run dir or an adapter dir")
+    if not source.is_dir():
+        raise QloraKitError(f"{source} is a file; pass a training run dir or an adapter dir")
+    for candidate in (source, source / "adapter"):
+        if (candidate / CONFIG_NAME).is_file():
+            return candidate
+    raise QloraKitError(
+        f"{source} is neither an adapter dir nor a training run dir: found no {CONFIG_NAME} in it "
+        f"or in {source / 'adapter'}"
+    )
 
 
 def read_adapter_config(directory: str | Path) -> AdapterConfig:

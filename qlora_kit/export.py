@@ -14,7 +14,10 @@ never saw; it is offered with that warning.
 
 Peak host memory is one output shard plus the working set of one tensor, whatever the model's size.
 Everything is written into a temp dir beside ``out`` and renamed into place at the end, so a failure
-(disk full included) leaves no partial export and an earlier export at ``out`` intact.
+(disk full included) leaves no partial export and an earlier export at ``out`` intact; the finished dir gets
+the user's umask like any other tool's output. ``qlora_kit.json`` marks the dir as a merged export (so
+``generate`` loads it dense and ``--force`` may replace it; a dir holding anything else is never replaced)
+and carries the prompt template recorded with the adapter.
 """
 
 from __future__ import annotations
@@ -35,7 +38,18 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from qlora_kit.adapter import CONFIG_NAME, WEIGHTS_NAME, AdapterConfig, read_adapter_config, replace_dir
+from qlora_kit.adapter import (
+    CONFIG_NAME,
+    METADATA_NAME,
+    WEIGHTS_NAME,
+    AdapterConfig,
+    apply_umask,
+    find_adapter_dir,
+    read_adapter_config,
+    read_metadata,
+    replace_dir,
+    write_metadata,
+)
 from qlora_kit.errors import QloraKitError
 from qlora_kit.loading import (
     DTYPES,
@@ -118,21 +132,6 @@ def _nf4_bytes(numel: int) -> int:
 
 
 # --- inputs ---------------------------------------------------------------------------------------------
-
-
-def find_adapter_dir(source: Path) -> Path:
-    """``source`` itself when it is an adapter dir, or the ``adapter/`` inside a training run dir."""
-    if not source.exists():
-        raise QloraKitError(f"{source} does not exist; pass a training run dir or an adapter dir")
-    if not source.is_dir():
-        raise QloraKitError(f"{source} is a file; pass a training run dir or an adapter dir")
-    for candidate in (source, source / "adapter"):
-        if (candidate / CONFIG_NAME).is_file():
-            return candidate
-    raise QloraKitError(
-        f"{source} is neither an adapter dir nor a training run dir: found no {CONFIG_NAME} in it "
-        f"or in {source / 'adapter'}"
-    )
 
 
 def _read_lora_pairs(adapter_dir: Path, r: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -307,6 +306,64 @@ def _check_out(out: Path, force: bool, protected: dict[str, Path]) -> None:
             raise QloraKitError(f"--out {out} would replace the {what} the export reads ({path}); choose another dir")
     if out.exists() and not force:
         raise QloraKitError(f"--out {out} already exists; pass --force to replace it")
+    if out.is_dir() and not _is_export(out):
+        names = sorted(p.name for p in out.iterdir())
+        if names:  # --force replaces an earlier export, never someone's other files
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            raise QloraKitError(
+                f"--out {out} is not an earlier qlora-kit export (it has no {METADATA_NAME} saying so) and is not "
+                f"empty: it holds {shown}. --force only replaces an earlier export; choose another --out, or move "
+                "those files away yourself"
+            )
+
+
+def _is_export(directory: Path) -> bool:
+    try:
+        return read_metadata(directory).get("kind") == "export"
+    except QloraKitError:  # a damaged marker: not provably an export
+        return False
+
+
+def _make_parents(out: Path) -> list[Path]:
+    """Create the missing parent dirs of ``out``; return those created (deepest last), to remove on failure."""
+    missing = [p for p in reversed(out.absolute().parents) if not p.exists()]
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        _remove_empty(missing)
+        raise _unwritable(out, e) from None
+    return missing
+
+
+def _remove_empty(directories: list[Path]) -> None:
+    for directory in reversed(directories):
+        try:
+            directory.rmdir()
+        except OSError:
+            return  # not there, or not empty: nothing of ours to undo further up
+
+
+def _unwritable(out: Path, error: OSError) -> QloraKitError:
+    where = error.filename or out.parent
+    earlier = f" The earlier export at {out} is intact." if out.is_dir() else ""
+    return QloraKitError(
+        f"cannot write the export to {out}: {where} is not writable ({error.strerror or error}). Nothing was "
+        f"written.{earlier} Choose an --out in a directory you can write to (or fix its permissions)"
+    )
+
+
+def _nf4_warning(units: list[_Unit]) -> str | None:
+    """bitsandbytes' CPU forward (on CPUs with AVX512-BF16) repacks 4-bit weights in rows of 64 input features
+    and fails on any other width; qlora-kit's own loader has no such limit."""
+    odd = [(u.name, u.entry.shape[-1]) for u in units if u.is_linear and u.entry.shape[-1] % NF4_BLOCKSIZE]
+    if not odd:
+        return None
+    return (
+        f"warning: {len(odd)} decoder linears have an input width that is not a multiple of {NF4_BLOCKSIZE} "
+        f"(e.g. {odd[0][0]}: {odd[0][1]}). transformers + bitsandbytes cannot run this 4-bit export on a CPU "
+        f"with AVX512-BF16 (bitsandbytes' CPU kernel needs multiples of {NF4_BLOCKSIZE}); `qlora-kit generate` "
+        "and GPUs load and run it"
+    )
 
 
 def _write_config(config, directory: Path, out_dtype: torch.dtype, quantize: str | None) -> None:
@@ -351,6 +408,25 @@ def _copy_side_files(base_dir: Path, adapter_dir: Path, directory: Path, config)
     return copied
 
 
+def _export_metadata(
+    adapter_dir: Path, base_dir: Path, dtype: str, merge_into: str, quantize: str | None
+) -> dict[str, object]:
+    """The export's qlora_kit.json: that it is a merged export (generate loads it dense, --force may replace
+    it) and the prompt template recorded with the adapter (generate's --template auto uses it)."""
+    metadata: dict[str, object] = {
+        "kind": "export",
+        "adapter": str(adapter_dir.absolute()),
+        "base_model": str(base_dir.absolute()),
+        "dtype": dtype,
+        "merge_into": merge_into,
+        "quantize": quantize,
+    }
+    template = read_metadata(adapter_dir).get("template")
+    if template is not None:
+        metadata["template"] = template
+    return metadata
+
+
 def export_merged(
     source: str | Path,
     out: str | Path,
@@ -391,18 +467,24 @@ def export_merged(
     units, config = _plan(base_dir, lora, adapter_dir, out_dtype, quantize)
     shards = _shards(units, max_bytes)
     planned = sum(u.out_bytes for u in units)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(out.parent).free
+    free = shutil.disk_usage(next(p for p in out.absolute().parents if p.exists())).free
     if free < planned:
         raise QloraKitError(
             f"not enough disk space for the export: it needs about {_human(planned)} in {out.parent}, "
             f"which has {_human(free)} free"
         )
-    if merge_into == "original":
-        print(ORIGINAL_MERGE_WARNING, file=sys.stderr)
+    metadata = _export_metadata(adapter_dir, base_dir, dtype, merge_into, quantize)
+    for warning in (ORIGINAL_MERGE_WARNING if merge_into == "original" else None, quantize and _nf4_warning(units)):
+        if warning:
+            print(warning, file=sys.stderr)
     scaling = lora_scaling(adapter_config.lora_alpha, adapter_config.r, adapter_config.use_rslora)
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    created = _make_parents(out)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        _remove_empty(created)
+        raise _unwritable(out, e) from None
     current = tmp
     try:
         weight_map: dict[str, str] = {}
@@ -428,9 +510,12 @@ def export_merged(
         current = tmp
         _write_config(config, tmp, out_dtype, quantize)
         tokenizer_files = _copy_side_files(base_dir, adapter_dir, tmp, config)
+        write_metadata(tmp, metadata)
+        apply_umask(tmp)
         replace_dir(tmp, out)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
         earlier = " The earlier export there is intact." if out.is_dir() else ""
         if e.errno == errno.ENOSPC:
             raise QloraKitError(
@@ -443,6 +528,7 @@ def export_merged(
         ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
         raise
     if not tokenizer_files:
         print(f"note: {base_dir} has no tokenizer files; the export has none either")
@@ -476,7 +562,9 @@ def export_main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quantize", choices=QUANTIZE_FORMATS, default=None, help="re-quantize the merged model in bitsandbytes 4-bit"
     )
-    parser.add_argument("--force", action="store_true", help="replace an existing --out dir")
+    parser.add_argument(
+        "--force", action="store_true", help="replace an earlier export at --out (never a dir holding other files)"
+    )
     parser.add_argument("--base-model", default=None, help="base model path or id (default: the adapter config's)")
     parser.add_argument(
         "--device", default="auto", help="where weights are quantized and merged: auto, cpu, cuda (match training)"

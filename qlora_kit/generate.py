@@ -1,60 +1,102 @@
 """Text generation with a base model + adapter (or an exported merged dir), greedy or sampled, streamed.
 
-``generate_text`` is the library call (the trainer's before/after samples use it); ``generate_main`` is
-``qlora-kit generate``. By default the base model is loaded in NF4 and the adapter stays a separate LoRA
-path, exactly the training-time model. ``--merge-adapter`` folds each adapted layer into one dense
-``nn.Linear`` holding ``dequant(W_nf4) + scaling * B @ A`` in the compute dtype: NF4 codes cannot absorb
-the update without re-quantizing (which would change the model), so folding trades memory for speed, with
-those layers' weights taking 16/32 bits per value instead of about 4.1, and one matmul per layer instead
-of a dequantize plus three.
+``generate_text`` is the library call (the trainer's before/after samples use it, so a run's samples are
+exactly what ``qlora-kit generate`` prints for the same prompt); ``generate_main`` is ``qlora-kit generate``.
+
+What loads how:
+
+- a base model: its decoder linears in NF4, the adapter as a separate LoRA path: the training-time model.
+  ``--merge-adapter`` folds each adapted layer into one dense ``nn.Linear`` holding
+  ``dequant(W_nf4) + scaling * B @ A`` in the compute dtype: NF4 codes cannot absorb the update without
+  re-quantizing (which would change the model), so folding trades memory (16/32 bits per value instead of
+  about 4.1) for one matmul per layer instead of a dequantize plus three.
+- a merged export (``qlora_kit.json`` says ``kind: export``): dense, as written. Re-quantizing merged weights
+  to NF4 (``--quantize``) rounds most of the LoRA update away (it is often smaller than one NF4 step), so
+  that is only done when asked, with a note.
+- a bitsandbytes NF4 checkpoint (``export --quantize nf4``): its 4-bit codes as they are, by our loader;
+  other bitsandbytes formats go through transformers (without adapters).
+
+``--template auto`` uses the template recorded with the adapter (or the export), i.e. the one training
+formatted its data with; without a record, the tokenizer's chat template if it has one, else Alpaca.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from qlora_kit.adapter import CONFIG_NAME, load_adapter
+from qlora_kit.adapter import METADATA_NAME, find_adapter_dir, load_adapter, read_metadata
 from qlora_kit.errors import QloraKitError
-from qlora_kit.loading import load_model, load_tokenizer, resolve_device, resolve_dtype
+from qlora_kit.loading import (
+    bnb_quantization,
+    is_nf4_double_quant,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+)
 from qlora_kit.lora import lora_layers, merge_lora_weight
 from qlora_kit.models import resolve_model_dir
 from qlora_kit.quant import NF4Linear
 
 TEMPLATES = ("auto", "alpaca", "chat", "none")
+REQUANTIZE_NOTE = (
+    "note: {model} is a merged qlora-kit export; --quantize re-quantizes its merged weights to NF4, which "
+    "rounds away part of the fine-tune (the LoRA update is often smaller than one NF4 step). Without "
+    "--quantize it loads dense, exactly as exported."
+)
 
 
-def encode_prompt(tokenizer, prompt: str, template: str = "none") -> dict[str, torch.Tensor]:
+def check_prompt(prompt: str) -> None:
+    """Refuse an empty or blank prompt: the model would be asked to continue nothing (a reshape error
+    without a template, unrelated text with one)."""
+    if not prompt.strip():
+        raise QloraKitError(
+            f"the prompt is empty{' (only whitespace)' if prompt else ''}: there is nothing to answer. "
+            "Pass the text for the model with --prompt TEXT"
+        )
+
+
+def encode_prompt(tokenizer, prompt: str, template: str = "none", input_text: str = "") -> dict[str, torch.Tensor]:
     """Token ids (and attention mask) of ``prompt`` wrapped in ``template``, ready for ``model.generate``.
 
-    ``auto`` is the tokenizer's chat template when it has one, else Alpaca.
+    ``auto`` is the tokenizer's chat template when it has one, else Alpaca. ``alpaca`` gives exactly the prompt
+    ids training uses for an Alpaca row with this instruction and ``input_text`` (its ``input`` field).
     """
+    check_prompt(prompt)
     has_chat = bool(getattr(tokenizer, "chat_template", None))
     if template == "auto":
         template = "chat" if has_chat else "alpaca"
+    if template not in TEMPLATES:
+        raise QloraKitError(f"unknown template {template!r}; use one of {', '.join(TEMPLATES)}")
+    if input_text and template != "alpaca":
+        raise QloraKitError(
+            f"--input is the Alpaca format's input field; the {template!r} template has no place for it. "
+            "Use --template alpaca, or put the text into --prompt"
+        )
     if template == "chat":
         if not has_chat:
             raise QloraKitError(
                 "--template chat needs a tokenizer with a chat template; this one has none. "
                 "Use --template alpaca or none"
             )
-        messages = [{"role": "user", "content": prompt}]
-        encoded = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, return_dict=True, return_tensors="pt"
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
         )
-        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
-    if template == "alpaca":
-        from qlora_kit.data import alpaca_prompt  # the exact text training formats Alpaca rows with
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # the template holds its special tokens
+    elif template == "alpaca":
+        from qlora_kit.data import tokenize_alpaca  # the prompt ids of training's Alpaca rows
 
-        prompt = alpaca_prompt(prompt)
-    elif template != "none":
-        raise QloraKitError(f"unknown template {template!r}; use one of {', '.join(TEMPLATES)}")
-    encoded = tokenizer(prompt, return_tensors="pt")
-    return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+        ids = tokenize_alpaca(tokenizer, prompt, input_text, "", add_eos=False)["input_ids"]
+    else:
+        ids = tokenizer(prompt)["input_ids"]
+    input_ids = torch.tensor([ids], dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
 
 
 def generate_text(
@@ -66,11 +108,12 @@ def generate_text(
     temperature: float = 0.0,
     top_p: float = 0.9,
     stream: bool = False,
+    input_text: str = "",
 ) -> str:
     """The model's continuation of ``prompt`` (new text only). ``temperature=0`` is greedy decoding.
 
     The model is put in eval mode for the call (no LoRA dropout) and given back in the mode it was in.
-    ``stream=True`` also prints the tokens to stdout as they come.
+    ``stream=True`` also prints the tokens to stdout as they come. ``input_text``: the Alpaca input field.
     """
     from transformers import GenerationConfig, TextStreamer
 
@@ -78,7 +121,7 @@ def generate_text(
         raise QloraKitError(f"max_new_tokens must be > 0, got {max_new_tokens}")
     if temperature < 0 or not 0 < top_p <= 1:
         raise QloraKitError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
-    inputs = encode_prompt(tokenizer, prompt, template)
+    inputs = encode_prompt(tokenizer, prompt, template, input_text)
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in inputs.items()}
     eos = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
@@ -119,43 +162,64 @@ def fold_lora(model: nn.Module, dtype: torch.dtype | None = None) -> int:
     return len(layers)
 
 
-def _is_bnb_checkpoint(model_dir: Path) -> bool:
-    """A dir written by ``qlora-kit export --quantize nf4`` (or any bitsandbytes-quantized save)."""
-    config = json.loads((model_dir / "config.json").read_text()) if (model_dir / "config.json").is_file() else {}
-    return (config.get("quantization_config") or {}).get("quant_method") == "bitsandbytes"
+def recorded_template(*directories: Path) -> str | None:
+    """The prompt template recorded in the last of ``directories`` that records one (adapter over export)."""
+    template = None
+    for directory in directories:
+        recorded = read_metadata(directory).get("template")
+        if recorded is not None and recorded not in TEMPLATES[1:]:
+            raise QloraKitError(
+                f"{directory / METADATA_NAME} records the template {recorded!r}, which is not one of "
+                f"{', '.join(TEMPLATES[1:])}; fix or delete that file, or pass --template"
+            )
+        template = recorded or template
+    return template
+
+
+def _load_model(model_dir: Path, device: torch.device, dtype: torch.dtype, quantize: bool | None, has_adapter: bool):
+    """The model of ``model_dir``: dense for a merged export, NF4 for a base model, unless ``quantize`` says."""
+    config_file = model_dir / "config.json"
+    raw_config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    quantization = bnb_quantization(raw_config)
+    if quantization is not None and not is_nf4_double_quant(quantization):
+        # Other bitsandbytes formats (8-bit, FP4, ...): transformers' own loader, as they were saved.
+        if has_adapter:
+            raise QloraKitError(
+                f"{model_dir} is a bitsandbytes checkpoint in a format qlora-kit's layers do not hold (only NF4 "
+                "with double quantization); an adapter cannot be added to it here. Pass its 16-bit base model"
+            )
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=str(device))
+    is_export = read_metadata(model_dir).get("kind") == "export"
+    if quantize is None:
+        quantize = quantization is not None or not is_export
+    elif quantize and is_export and quantization is None:
+        print(REQUANTIZE_NOTE.format(model=model_dir), file=sys.stderr)
+    return load_model(model_dir, device=device, dtype=dtype, quantize=quantize)
 
 
 def load_for_generation(
-    model: str, adapter: str | None, device: str, dtype: str, quantize: bool, merge_adapter: bool
-) -> tuple[nn.Module, object]:
-    """The model (base + adapter, folded or not) and its tokenizer, as ``qlora-kit generate`` uses them."""
+    model: str, adapter: str | None, device: str, dtype: str, quantize: bool | None, merge_adapter: bool
+) -> tuple[nn.Module, object, str | None]:
+    """The model (base + adapter, folded or not), its tokenizer and the recorded prompt template (or None),
+    as ``qlora-kit generate`` uses them. ``quantize=None``: NF4 for base models, dense for merged exports."""
     if merge_adapter and adapter is None:
         raise QloraKitError("--merge-adapter needs --adapter DIR (an exported dir is already merged)")
     model_dir = resolve_model_dir(model)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    if _is_bnb_checkpoint(model_dir):
-        if adapter is not None:
-            raise QloraKitError(
-                f"{model_dir} is already a bitsandbytes 4-bit checkpoint; an adapter cannot be added to it here. "
-                "Merge the adapter at export time, or pass the 16-bit base model with --adapter"
-            )
-        from transformers import AutoModelForCausalLM
-
-        loaded = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, device_map=str(torch_device))
-    else:
-        loaded = load_model(model_dir, device=torch_device, dtype=torch_dtype, quantize=quantize)
+    adapter_dir = find_adapter_dir(Path(adapter)) if adapter is not None else None
+    template = recorded_template(model_dir, *([adapter_dir] if adapter_dir is not None else []))
+    loaded = _load_model(model_dir, torch_device, torch_dtype, quantize, adapter_dir is not None)
     tokenizer_dir = model_dir
-    if adapter is not None:
-        adapter_dir = Path(adapter)
-        if not (adapter_dir / CONFIG_NAME).is_file() and (adapter_dir / "adapter" / CONFIG_NAME).is_file():
-            adapter_dir = adapter_dir / "adapter"  # a training run dir
+    if adapter_dir is not None:
         load_adapter(loaded, adapter_dir, dtype=torch_dtype)
         if (adapter_dir / "tokenizer_config.json").is_file():
             tokenizer_dir = adapter_dir  # training may have saved its own tokenizer next to the adapter
         if merge_adapter:
             fold_lora(loaded, torch_dtype)
-    return loaded.eval(), load_tokenizer(tokenizer_dir)
+    return loaded.eval(), load_tokenizer(tokenizer_dir), template
 
 
 def generate_main(argv: list[str] | None = None) -> int:
@@ -169,11 +233,17 @@ def generate_main(argv: list[str] | None = None) -> int:
     source.add_argument("--prompt", help="one prompt; the answer is streamed to the terminal")
     source.add_argument("--interactive", action="store_true", help="read prompts from stdin until EOF or 'exit'")
     parser.add_argument(
+        "--input",
+        default="",
+        help="the Alpaca format's input field: context for the instruction in --prompt (alpaca template only)",
+    )
+    parser.add_argument(
         "--template",
         default="auto",
         choices=TEMPLATES,
-        help="prompt format: alpaca, chat (the tokenizer's chat template), none (raw text); "
-        "auto (default) is chat when the tokenizer has a chat template, else alpaca",
+        help="prompt format: alpaca, chat (the tokenizer's chat template), none (raw text); auto (default): the "
+        "template recorded with the adapter or export (the one training used), else chat when the tokenizer "
+        "has a chat template, else alpaca",
     )
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy decoding")
@@ -189,17 +259,29 @@ def generate_main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quantize",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="load the model's decoder linears in NF4 (default); --no-quantize loads them dense",
+        default=None,
+        help="load the decoder linears in NF4. Default: yes for a base model (as training saw it), no for a "
+        "merged qlora-kit export (re-quantizing it loses part of the fine-tune)",
     )
     args = parser.parse_args(argv)
-    model, tokenizer = load_for_generation(
+    if args.prompt is not None:
+        check_prompt(args.prompt)  # before minutes of loading
+    model, tokenizer, recorded = load_for_generation(
         args.model, args.adapter, args.device, args.dtype, args.quantize, args.merge_adapter
     )
+    template = recorded if args.template == "auto" and recorded else args.template
 
     def answer(prompt: str) -> None:
         generate_text(
-            model, tokenizer, prompt, args.template, args.max_new_tokens, args.temperature, args.top_p, stream=True
+            model,
+            tokenizer,
+            prompt,
+            template,
+            args.max_new_tokens,
+            args.temperature,
+            args.top_p,
+            stream=True,
+            input_text=args.input,
         )
 
     if args.prompt is not None:

@@ -9,6 +9,12 @@ So peak host memory is the 4-bit model plus about one tensor. The safetensors fi
 ``seek`` + ``readinto`` rather than ``safe_open``: ``safe_open`` memory-maps the file, and every page it
 touches stays in this process's resident set until the kernel needs it back, which makes RSS grow to the
 checkpoint's size even though no copy is kept.
+
+A checkpoint that is already bitsandbytes NF4 with double quantization (``qlora-kit export --quantize nf4``,
+or transformers' ``save_pretrained`` of such a model) is read as it is: each weight's codes and serialized
+``QuantState`` go into the ``NF4Linear`` buffers unchanged (no dequantize/re-quantize round trip), so the
+weights are bit for bit the ones bitsandbytes' ``dequantize_4bit`` gives for the file. Other bitsandbytes
+formats (8-bit, FP4, 4-bit without double quantization) are refused with a clear error.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from torch import nn
 from qlora_kit.errors import QloraKitError
 from qlora_kit.lora import decoder_linear_names
 from qlora_kit.models import resolve_model_dir
-from qlora_kit.quant import NF4Linear
+from qlora_kit.quant import ABSMAX_BLOCKSIZE, NF4_BLOCKSIZE, NF4Linear, _absmax_table, _nf4_table
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -265,21 +271,27 @@ def load_model(
     dtype = resolve_dtype(dtype, device)
     config = load_config(model_dir)
     entries = checkpoint_index(model_dir)
+    prequantized = _check_prequantized(config, model_dir, quantize)
     model = build_skeleton(config, dtype, quantize)
 
     tied = bool(getattr(config, "tie_word_embeddings", False))
     expected = {name for name, _ in model.named_parameters(remove_duplicate=False)}
-    expected |= {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, NF4Linear)}
+    nf4_weights = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, NF4Linear)}
+    expected |= nf4_weights
     output_key = _output_embedding_key(model)
     ignored = []
     for name, entry in entries.items():
+        if prequantized and _quant_state_owner(name) in nf4_weights:
+            continue  # a 4-bit weight's state (absmax, quant_map, ...): read together with the weight's codes
         if name not in expected or (tied and name == output_key):
             ignored.append(name)
             continue
         tensor = read_tensor(entry).to(device)
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
-        if isinstance(module, NF4Linear) and attr == "weight":
+        if isinstance(module, NF4Linear) and attr == "weight" and prequantized:
+            _load_nf4_state(module, tensor, _read_quant_state(name, entries, device), entry)
+        elif isinstance(module, NF4Linear) and attr == "weight":
             module.load_weight(tensor)
         else:
             _set_parameter(module, attr, tensor.to(dtype), name, entry)
@@ -296,6 +308,110 @@ def load_model(
     model.name_or_path = str(model_dir)
     model.config.name_or_path = str(model_dir)
     return model.eval()
+
+
+# --- checkpoints already in bitsandbytes 4-bit ------------------------------------------------------------
+
+
+def bnb_quantization(config) -> dict | None:
+    """The checkpoint's bitsandbytes ``quantization_config`` (from a loaded config or config.json's dict)."""
+    raw = (
+        config.get("quantization_config") if isinstance(config, dict) else getattr(config, "quantization_config", None)
+    )
+    if raw is not None and not isinstance(raw, dict):
+        raw = raw.to_dict()
+    return raw if raw and raw.get("quant_method") == "bitsandbytes" else None
+
+
+def is_nf4_double_quant(quantization: dict | None) -> bool:
+    """Whether a bitsandbytes checkpoint holds what ``NF4Linear`` holds: 4-bit NF4 with double quantization."""
+    return bool(
+        quantization
+        and quantization.get("load_in_4bit")
+        and quantization.get("bnb_4bit_quant_type") == "nf4"
+        and quantization.get("bnb_4bit_use_double_quant")
+        and quantization.get("bnb_4bit_quant_storage", "uint8") == "uint8"
+    )
+
+
+def _check_prequantized(config, model_dir: Path, quantize: bool) -> bool:
+    """True for a checkpoint whose decoder linears are already NF4 + double-quantized; refuse what cannot load."""
+    quantization = bnb_quantization(config)
+    if quantization is None:
+        return False
+    if not is_nf4_double_quant(quantization):
+        keys = ("load_in_4bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_quant_storage")
+        settings = ", ".join(f"{key}={quantization.get(key)}" for key in keys)
+        raise QloraKitError(
+            f"{model_dir} is a bitsandbytes checkpoint with {settings}; qlora-kit reads 4-bit checkpoints only "
+            "in NF4 with double quantization and uint8 storage (what `qlora-kit export --quantize nf4` writes). "
+            "Load it with transformers, or use the 16-bit model it was made from"
+        )
+    if not quantize:
+        raise QloraKitError(
+            f"{model_dir} holds 4-bit NF4 weights (config.json has a bitsandbytes quantization_config); their 16-bit "
+            "originals are not in it, so it cannot be loaded dense. Load it in 4-bit (drop --no-quantize), or use "
+            "an export made without --quantize"
+        )
+    return True
+
+
+def _quant_state_owner(name: str) -> str | None:
+    """``X.weight`` for a piece of its serialized 4-bit state (``X.weight.absmax``, ``X.weight.quant_state...``)."""
+    head, sep, _ = name.partition(".weight.")
+    return f"{head}.weight" if sep else None
+
+
+def _read_quant_state(weight_name: str, entries: dict[str, TensorEntry], device: torch.device):
+    """The bitsandbytes ``QuantState`` serialized beside ``weight_name`` (``<name>.absmax``, ``.quant_map``, ...)."""
+    import bitsandbytes.functional as bnbf
+
+    prefix = f"{weight_name}."
+    parts = {name[len(prefix) :]: read_tensor(entry) for name, entry in entries.items() if name.startswith(prefix)}
+    file = entries[weight_name].file
+    if "nested_absmax" not in parts:
+        found = ", ".join(sorted(parts)) or "nothing"
+        raise QloraKitError(
+            f"{file}: the 4-bit weight {weight_name!r} has no double-quantized state (found {found}); "
+            "config.json says bnb_4bit_use_double_quant, so the file is damaged or belongs to another config"
+        )
+    try:
+        return bnbf.QuantState.from_dict(parts, device=device)
+    except (AssertionError, KeyError, ValueError, TypeError, json.JSONDecodeError) as e:
+        raise QloraKitError(
+            f"{file}: the bitsandbytes quantization state of {weight_name!r} cannot be read ({e!r}); "
+            "the file is damaged or was written by an incompatible bitsandbytes"
+        ) from None
+
+
+def _load_nf4_state(layer: NF4Linear, codes: torch.Tensor, state, entry: TensorEntry) -> None:
+    """Put a serialized NF4 weight into ``layer``'s buffers as it is; refuse a layout it would not reproduce."""
+    numel = layer.in_features * layer.out_features
+    n_blocks = -(-numel // NF4_BLOCKSIZE)
+    device = codes.device
+    checks = [
+        (state.quant_type == "nf4", f"quant_type {state.quant_type!r}, not 'nf4'"),
+        (tuple(state.shape) == (layer.out_features, layer.in_features), f"shape {tuple(state.shape)}"),
+        (codes.dtype == torch.uint8 and codes.numel() == -(-numel // 2), f"{codes.numel()} {codes.dtype} codes"),
+        (state.blocksize == NF4_BLOCKSIZE, f"blocksize {state.blocksize}"),
+        (state.absmax.dtype == torch.uint8 and state.absmax.numel() == n_blocks, f"{state.absmax.numel()} absmax"),
+        (torch.equal(state.code.float(), _nf4_table(device)), "a code table other than NF4's"),
+        # _read_quant_state made sure it is nested (double-quantized)
+        (state.state2.blocksize == ABSMAX_BLOCKSIZE, f"nested blocksize {state.state2.blocksize}"),
+        (state.state2.absmax.dtype == torch.float32, f"nested absmax in {state.state2.absmax.dtype}"),
+        (state.state2.absmax.numel() == -(-n_blocks // ABSMAX_BLOCKSIZE), "a wrong count of nested absmax"),
+        (torch.equal(state.state2.code.float(), _absmax_table(device)), "a nested code table other than bnb's"),
+    ]
+    wrong = [what for ok, what in checks if not ok]
+    if wrong:
+        raise QloraKitError(
+            f"{entry.file}: the 4-bit weight for {layer.out_features}x{layer.in_features} has {', '.join(wrong)}; "
+            "qlora-kit holds NF4 with block 64 and double quantization (block 256) only"
+        )
+    layer.codes = codes.reshape(-1)
+    layer.absmax_codes = state.absmax
+    layer.absmax_scales = state.state2.absmax.view(torch.int32)
+    layer.absmax_offset = state.offset.to(torch.float32).reshape(()).view(torch.int32)
 
 
 def _output_embedding_key(model: nn.Module) -> str:

@@ -15,6 +15,8 @@ import contextlib
 import json
 import math
 import random
+import re
+import shlex
 import signal
 import time
 from dataclasses import dataclass, field
@@ -31,6 +33,7 @@ from qlora_kit.checkpoint import find_resume_checkpoint, load_checkpoint, save_c
 from qlora_kit.config import RunConfig, to_dict, to_yaml
 from qlora_kit.data import IGNORE_INDEX, BatchPlan, PreparedData, alpaca_prompt, eval_batches, prepare_data
 from qlora_kit.errors import QloraKitError
+from qlora_kit.generate import encode_prompt, generate_text
 from qlora_kit.loading import load_model, load_tokenizer, resolve_device, resolve_dtype
 from qlora_kit.lora import LoRAReport, add_lora
 from qlora_kit.memory import check_budget
@@ -397,7 +400,7 @@ def train(cfg: RunConfig) -> TrainResult:
         result.eval_loss_end = evaluate(model, data, tc.micro_batch_size)
         log({"step": step, "eval_loss": result.eval_loss_end})
     checkpoint()
-    adapter_dir = save_adapter(model, out / "adapter", base_name)
+    adapter_dir = save_adapter(model, out / "adapter", base_name, {"template": run_template(cfg)})
     if samples:
         _write_samples(out / "samples_after.json", "after training", model, tokenizer, samples, cfg)
     result.steps = step
@@ -417,9 +420,9 @@ def train(cfg: RunConfig) -> TrainResult:
     print(
         f"done in {result.wall_s:.0f}s ({result.tokens_per_s:.0f} tokens/s).\n"
         f"  adapter:     {adapter_dir}\n  checkpoints: {out / 'checkpoints'}\n"
-        f"  metrics:     {metrics_file}\n  config:      {out / 'config.yaml'}\n"
-        f"  export:      qlora-kit export {out} --out {out}-merged"
+        f"  metrics:     {metrics_file}\n  config:      {out / 'config.yaml'}"
     )
+    print(_reproduce_commands(cfg, out, samples, dtype))
     return result
 
 
@@ -444,52 +447,101 @@ def _tensorboard(out: Path):
 
 @dataclass
 class _Sample:
-    prompt_ids: list[int]
-    reference: str | None
+    """A prompt as ``qlora-kit generate`` takes it, so the samples can be reproduced with it."""
+
+    prompt: str  # --prompt
+    template: str  # --template: alpaca | chat | none
+    input: str = ""  # --input (the Alpaca input field)
+    reference: str | None = None  # the held-out answer
+
+
+def run_template(cfg: RunConfig) -> str:
+    """The prompt template the run's data is formatted with; recorded with the adapter for ``generate``."""
+    return "chat" if cfg.data.format == "chat" else cfg.data.template
 
 
 def _sample_prompts(cfg: RunConfig, data: PreparedData, tokenizer, n_from_val: int = 3) -> list[_Sample]:
-    """The configured prompts (templated), else the first held-out examples (their prompt tokens)."""
-    samples = []
-    for prompt in cfg.output.sample_prompts:
-        if cfg.data.format == "chat":
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-            )
-            ids = tokenizer(text, add_special_tokens=False).input_ids
-        else:
-            ids = tokenizer(alpaca_prompt(prompt)).input_ids
-        samples.append(_Sample(list(ids), None))
+    """The configured prompts (in the run's template), else the first held-out examples' prompts."""
+    template = run_template(cfg)
+    samples = [_Sample(prompt, template) for prompt in cfg.output.sample_prompts]
     if not samples and data.val:
         for example in data.val[:n_from_val]:
             labels = example["labels"]
             first = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+            if first == 0:
+                continue  # train_on_inputs: the labels do not tell where the prompt ends
             reference = tokenizer.decode([t for t in labels if t != IGNORE_INDEX], skip_special_tokens=True)
-            samples.append(_Sample(example["input_ids"][:first], reference))
+            samples.append(_held_out_sample(example["input_ids"][:first], template, tokenizer, reference))
     return samples
 
 
-@torch.no_grad()
+def _held_out_sample(prompt_ids: list[int], template: str, tokenizer, reference: str) -> _Sample:
+    """A held-out prompt as generate takes it: the instruction (and Alpaca input) or the user message, when
+    generate encodes those to exactly these ids; else the prompt's text as it is (template none)."""
+    marks = ("\x00qlora-kit-field-0\x00", "\x00qlora-kit-field-1\x00")
+    if template == "chat":
+        text = tokenizer.decode(prompt_ids)  # keeps the template's special tokens
+        user = [{"role": "user", "content": marks[0]}]
+        forms = [tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)]
+    else:
+        text = tokenizer.decode(prompt_ids, skip_special_tokens=True)  # drops a BOS the tokenizer adds again
+        forms = [alpaca_prompt(marks[0]), alpaca_prompt(*marks)]
+    for form in forms:
+        pattern = re.escape(form)
+        for mark in marks:
+            pattern = pattern.replace(re.escape(mark), "(.*)")
+        match = re.fullmatch(pattern, text, flags=re.DOTALL)
+        if match is None or not match.group(1).strip():
+            continue
+        prompt, input_text = match.group(1), match.group(2) if match.re.groups > 1 else ""
+        if encode_prompt(tokenizer, prompt, template, input_text)["input_ids"][0].tolist() == list(prompt_ids):
+            return _Sample(prompt, template, input_text, reference)
+    return _Sample(tokenizer.decode(prompt_ids), "none", "", reference)
+
+
 def _write_samples(path: Path, title: str, model, tokenizer, samples: list[_Sample], cfg: RunConfig) -> None:
-    was_training = model.training
-    model.eval()
-    device = model.get_input_embeddings().weight.device
+    """Greedy answers through ``generate_text``: the very encoding and decoding ``qlora-kit generate`` uses."""
     records = []
     print(f"--- samples {title} ---")
     for sample in samples:
-        ids = torch.tensor([sample.prompt_ids], device=device)
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=cfg.output.sample_max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
+        answer = generate_text(
+            model, tokenizer, sample.prompt, sample.template, cfg.output.sample_max_new_tokens, input_text=sample.input
         )
-        answer = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
-        prompt = tokenizer.decode(sample.prompt_ids, skip_special_tokens=True)
-        records.append({"prompt": prompt, "generated": answer, "reference": sample.reference})
-        shown = prompt.split("### Instruction:")[-1].replace("### Response:", "").strip()
-        print(f"> {' | '.join(line for line in shown.splitlines() if line.strip())}")
-        print(f"  {answer!r}" + (f"   (reference: {sample.reference!r})" if sample.reference else ""))
+        records.append(
+            {
+                "prompt": sample.prompt,
+                "input": sample.input,
+                "template": sample.template,
+                "generated": answer,
+                "reference": sample.reference,
+            }
+        )
+        shown = " | ".join(line for line in f"{sample.prompt}\n{sample.input}".splitlines() if line.strip())
+        print(f"> {shown}")
+        print(f"  {answer.strip()!r}" + (f"   (reference: {sample.reference!r})" if sample.reference else ""))
     path.write_text(json.dumps(records, indent=2) + "\n")
-    model.train(was_training)
+
+
+def _reproduce_commands(cfg: RunConfig, out: Path, samples: list[_Sample], dtype: torch.dtype) -> str:
+    """The commands that give the first after-training sample again: generate on the base + adapter, export
+    (in the compute dtype), generate on the export. ``--template`` is left out where the recorded one applies."""
+    from qlora_kit.loading import DTYPES
+
+    device = [] if cfg.model.device == "auto" else ["--device", cfg.model.device]
+    compute = [] if cfg.model.compute_dtype == "auto" else ["--dtype", cfg.model.compute_dtype]
+    if samples:
+        first = samples[0]
+        ask = ["--prompt", first.prompt, *(["--input", first.input] if first.input else [])]
+        ask += [] if first.template == run_template(cfg) else ["--template", first.template]
+        ask += ["--max-new-tokens", str(cfg.output.sample_max_new_tokens)]
+        heading = "the first after-training sample (samples_after.json) again, from the adapter and from an export:"
+    else:
+        ask, heading = ["--interactive"], "talk to the trained model, with the adapter or as an export:"
+    merged = str(out) + "-merged"
+    export_dtype = next(name for name, value in DTYPES.items() if value == dtype)
+    commands = [
+        ["qlora-kit", "generate", "--model", cfg.model.name_or_path, "--adapter", str(out), *ask, *device, *compute],
+        ["qlora-kit", "export", str(out), "--out", merged, "--dtype", export_dtype, *device],
+        ["qlora-kit", "generate", "--model", merged, *ask, *device, *compute],
+    ]
+    return heading + "".join(f"\n  {shlex.join(command)}" for command in commands)

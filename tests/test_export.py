@@ -6,9 +6,13 @@ steps. The training-time model is always our 4-bit base + LoRA with a non-zero (
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
+import os
 import shutil
+import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,10 +21,11 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from qlora_kit.adapter import WEIGHTS_NAME, load_adapter, save_adapter
+from qlora_kit.adapter import METADATA_NAME, WEIGHTS_NAME, load_adapter, save_adapter
+from qlora_kit.cli import main as cli_main
 from qlora_kit.errors import QloraKitError
 from qlora_kit.export import ORIGINAL_MERGE_WARNING, export_main, export_merged, parse_size
-from qlora_kit.loading import load_model, load_tokenizer
+from qlora_kit.loading import checkpoint_index, load_model, load_tokenizer, read_tensor
 from qlora_kit.lora import add_lora, lora_layers, merge_lora_weight
 from qlora_kit.quant import NF4Linear
 from tests.conftest import save_tiny_checkpoint
@@ -74,7 +79,10 @@ def test_fp32_export_computes_the_training_model(tmp_path, family, overrides):
     model = _trained(base, tmp_path / "run")
     out = _export(tmp_path / "run", tmp_path / "export", dtype="fp32")
 
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["config.json", "generation_config.json", "model.safetensors", METADATA_NAME]
+    marker = json.loads((out / METADATA_NAME).read_text())
+    assert marker["kind"] == "export" and marker["dtype"] == "fp32" and "template" not in marker  # none recorded
     config = json.loads((out / "config.json").read_text())
     assert config["dtype"] == "float32" and "quantization_config" not in config
     exported = _hf(out, dtype=torch.float32)
@@ -184,19 +192,40 @@ def _snapshot(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
 
 
-def test_existing_out_needs_force_and_is_replaced_whole(tmp_path):
+def test_existing_out_needs_force_and_an_earlier_export_is_replaced_whole(tmp_path):
     base = save_tiny_checkpoint(tmp_path / "base")
     _trained(base, tmp_path / "run")
-    out = tmp_path / "export"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    out = _export(tmp_path / "run", tmp_path / "export", max_shard_size="200KB")
+    earlier = _snapshot(out)
+    assert "model-00001-of-00004.safetensors" in earlier
     with pytest.raises(QloraKitError) as err:
         _export(tmp_path / "run", out)
     assert str(out) in str(err.value) and "--force" in str(err.value)
-    assert _snapshot(out) == {"keep.txt": b"mine"}
+    assert _snapshot(out) == earlier
     _export(tmp_path / "run", out, force=True)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert not (out / "model-00001-of-00004.safetensors").exists() and (out / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "export", "run"]  # no temp dirs left
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert (_export(tmp_path / "run", empty, force=True) / "model.safetensors").is_file()  # nothing to lose
+
+
+@pytest.mark.parametrize("n_files", [1, 7])
+def test_force_never_replaces_a_dir_that_is_not_an_export(tmp_path, n_files):
+    base = save_tiny_checkpoint(tmp_path / "base")
+    _trained(base, tmp_path / "run")
+    out = tmp_path / "mine"
+    out.mkdir()
+    for i in range(n_files):
+        (out / f"notes-{i}.txt").write_text(f"mine {i}")
+    before = _snapshot(out)
+    with pytest.raises(QloraKitError) as err:
+        _export(tmp_path / "run", out, force=True)
+    message = str(err.value)
+    assert "not an earlier qlora-kit export" in message and "notes-0.txt" in message and "another --out" in message
+    assert ("and 2 more" in message) == (n_files == 7)
+    assert _snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "mine", "run"]
 
 
 def test_out_that_is_a_file_is_refused(tmp_path):
@@ -237,6 +266,80 @@ def test_disk_full_leaves_no_partial_export_and_the_earlier_one_intact(tmp_path)
     assert len(written) == 2  # two shards really were written before the failure
     assert _snapshot(out) == earlier
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "export", "run"]
+
+
+@contextlib.contextmanager
+def _read_only(directory: Path):
+    """``directory`` made unwritable for this process: mode 0555, or for root (which ignores modes) the
+    immutable attribute. Skips where neither works."""
+    directory.mkdir(parents=True, exist_ok=True)
+    as_root = os.geteuid() == 0
+    if as_root:
+        if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(directory)]).returncode != 0:
+            pytest.skip("running as root and chattr +i is not available here: no read-only dir to test with")
+    else:
+        directory.chmod(0o555)
+    try:
+        yield directory
+    finally:
+        if as_root:
+            subprocess.run(["chattr", "-i", str(directory)], check=True)
+        else:
+            directory.chmod(0o755)
+
+
+def test_out_in_a_read_only_dir_is_a_clear_error_and_the_earlier_export_stays(tmp_path, capsys):
+    base = save_tiny_checkpoint(tmp_path / "base")
+    _trained(base, tmp_path / "run")
+    out = _export(tmp_path / "run", tmp_path / "shelf" / "export", dtype="fp32")
+    earlier = _snapshot(out)
+    with _read_only(tmp_path / "shelf"):
+        argv = [str(tmp_path / "run"), "--out", str(out), "--force", "--dtype", "fp32", "--device", "cpu"]
+        capsys.readouterr()
+        assert cli_main(["export", *argv]) == 2
+        message = capsys.readouterr().err
+        assert f"cannot write the export to {out}" in message and "is not writable" in message
+        assert "earlier export" in message and "intact" in message and "Traceback" not in message
+        assert sorted(p.name for p in (tmp_path / "shelf").iterdir()) == ["export"]  # no temp dir
+    assert _snapshot(out) == earlier
+
+
+def test_out_with_missing_parents_under_a_read_only_dir(tmp_path):
+    base = save_tiny_checkpoint(tmp_path / "base")
+    _trained(base, tmp_path / "run")
+    with _read_only(tmp_path / "shelf"):
+        message = _error(tmp_path / "run", tmp_path / "shelf" / "a" / "b" / "export")
+        assert "cannot write the export to" in message and "is not writable" in message
+        assert "Nothing was written" in message and "--out" in message
+        assert list((tmp_path / "shelf").iterdir()) == []
+
+
+def test_parents_an_export_created_are_removed_when_it_fails(tmp_path):
+    base = save_tiny_checkpoint(tmp_path / "base")
+    _trained(base, tmp_path / "run")
+
+    def disk_full(tensors, filename, metadata):
+        raise OSError(errno.ENOSPC, "No space left on device", filename)
+
+    message = _error(tmp_path / "run", tmp_path / "new" / "deeper" / "export", save_shard=disk_full)
+    assert "disk is full" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "run"]
+
+
+@pytest.mark.parametrize("umask, dir_mode, file_mode", [(0o022, 0o755, 0o644), (0o077, 0o700, 0o600)])
+def test_exports_and_adapters_get_the_users_umask(tmp_path, umask, dir_mode, file_mode):
+    base = save_tiny_checkpoint(tmp_path / "base")
+    model = _trained(base, tmp_path / "run")
+    previous = os.umask(umask)
+    try:
+        out = _export(tmp_path / "run", tmp_path / "export", max_shard_size="200KB")
+        adapter = save_adapter(model, tmp_path / "adapter", str(base), metadata={"template": "alpaca"})
+    finally:
+        os.umask(previous)
+    for directory in (out, adapter):
+        assert stat.S_IMODE(directory.stat().st_mode) == dir_mode, directory
+        files = list(directory.iterdir())
+        assert len(files) >= 3 and {stat.S_IMODE(f.stat().st_mode) for f in files} == {file_mode}, directory
 
 
 def _error(*args, **kwargs) -> str:
@@ -300,6 +403,85 @@ def test_cli_and_sizes(tmp_path, capsys):
     assert parse_size("5GB") == 5 * 10**9 and parse_size("500MB") == 5 * 10**8 and parse_size("2GiB") == 2 * 2**30
     with pytest.raises(QloraKitError, match="500MB"):
         parse_size("lots")
+
+
+# --- 4-bit exports read back ---------------------------------------------------------------------------------
+
+
+def test_nf4_export_loads_into_our_layers_bit_for_bit(tmp_path):
+    """Our loader puts the file's codes and double-quantized state into NF4Linear unchanged: the weights are
+    exactly bitsandbytes' dequantize_4bit of the state as serialized, and the layers' buffers are the ones
+    quantizing the dense merged export gives (the export's quantizer)."""
+    import bitsandbytes.functional as bnbf
+
+    base = _bf16_checkpoint(tmp_path / "base", intermediate_size=96)  # in_features 96: not a multiple of 64
+    _trained(base, tmp_path / "run")
+    dense = load_model(_export(tmp_path / "run", tmp_path / "dense", dtype="bf16"), device="cpu", quantize=False)
+    out = _export(tmp_path / "run", tmp_path / "nf4", dtype="bf16", quantize="nf4")
+    loaded = load_model(out, device="cpu")
+    entries = checkpoint_index(out)
+    layers = {name: m for name, m in loaded.named_modules() if isinstance(m, NF4Linear)}
+    assert len(layers) == 14
+    for name, layer in layers.items():
+        key = f"{name}.weight"
+        state = {k[len(key) + 1 :]: read_tensor(e) for k, e in entries.items() if k.startswith(f"{key}.")}
+        quant_state = bnbf.QuantState.from_dict(state, "cpu")
+        for dtype in (torch.bfloat16, torch.float32):  # the recorded compute dtype, and fp32
+            quant_state.dtype = dtype
+            reference = bnbf.dequantize_4bit(read_tensor(entries[key]), quant_state)
+            assert torch.equal(layer.dequantize(dtype), reference), (name, dtype)
+        requantized = NF4Linear.from_weight(dense.get_submodule(name).weight)
+        for buffer in ("codes", "absmax_codes", "absmax_scales", "absmax_offset"):
+            assert torch.equal(getattr(layer, buffer), getattr(requantized, buffer)), (name, buffer)
+    torch.testing.assert_close(
+        _logits(loaded), _logits(load_model(tmp_path / "dense", device="cpu")), rtol=0, atol=1e-5
+    )
+
+
+def test_nf4_export_warns_where_bitsandbytes_cpu_kernel_cannot_run_it(tmp_path, capsys):
+    for name, overrides in (("odd", {"intermediate_size": 96}), ("even", {})):
+        base = save_tiny_checkpoint(tmp_path / name / "base", **overrides)
+        _trained(base, tmp_path / name / "run")
+        capsys.readouterr()
+        _export(tmp_path / name / "run", tmp_path / name / "nf4", quantize="nf4")
+        warned = capsys.readouterr().err
+        assert ("not a multiple of 64" in warned and "mlp.down_proj" in warned) == (name == "odd"), warned
+        _export(tmp_path / name / "run", tmp_path / name / "dense")  # no 4-bit, no warning
+        assert "multiple of 64" not in capsys.readouterr().err
+
+
+def _bnb_4bit_checkpoint(dense_dir: Path, out: Path, **options) -> Path:
+    """A 4-bit checkpoint as transformers + bitsandbytes save it."""
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, **options)
+    _hf(dense_dir, dtype=torch.float32, quantization_config=config).save_pretrained(out)
+    return out
+
+
+def test_transformers_nf4_checkpoint_loads_and_other_4bit_formats_are_refused(tmp_path):
+    import bitsandbytes.functional as bnbf
+
+    base = save_tiny_checkpoint(tmp_path / "base")
+    nf4_dq = _bnb_4bit_checkpoint(base, tmp_path / "nf4dq", bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
+    theirs = _hf(nf4_dq)
+    ours = load_model(nf4_dq, device="cpu")
+    # Weights, not logits: bitsandbytes' CPU forward (AVX512-BF16) rounds absmax to bf16 on its own.
+    for name, layer in ours.named_modules():
+        if isinstance(layer, NF4Linear):
+            param = theirs.get_submodule(name).weight
+            assert torch.equal(layer.dequantize(torch.float32), bnbf.dequantize_4bit(param.data, param.quant_state))
+    for name, options in (
+        ("no-double-quant", {"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": False}),
+        ("fp4", {"bnb_4bit_quant_type": "fp4", "bnb_4bit_use_double_quant": True}),
+    ):
+        checkpoint = _bnb_4bit_checkpoint(base, tmp_path / name, **options)
+        with pytest.raises(QloraKitError) as err:
+            load_model(checkpoint, device="cpu")
+        message = str(err.value)
+        assert str(checkpoint) in message and "NF4 with double quantization" in message, message
+        assert f"bnb_4bit_quant_type={options['bnb_4bit_quant_type']}" in message
+        assert "transformers" in message
 
 
 # --- adapters in PEFT's layout, both directions --------------------------------------------------------------

@@ -7,6 +7,7 @@ asks the real SmolLM2-135M-Instruct in 4-bit for the capital of France.
 from __future__ import annotations
 
 import io
+import json
 import shutil
 from pathlib import Path
 
@@ -14,12 +15,21 @@ import pytest
 import torch
 from torch import nn
 
-from qlora_kit.adapter import save_adapter
+from qlora_kit.adapter import METADATA_NAME, load_adapter, save_adapter
+from qlora_kit.cli import main as cli_main
 from qlora_kit.errors import QloraKitError
 from qlora_kit.export import TOKENIZER_FILES, export_merged
-from qlora_kit.generate import encode_prompt, fold_lora, generate_main, generate_text
+from qlora_kit.generate import (
+    REQUANTIZE_NOTE,
+    encode_prompt,
+    fold_lora,
+    generate_main,
+    generate_text,
+    load_for_generation,
+)
 from qlora_kit.loading import load_model, load_tokenizer
 from qlora_kit.lora import LoRALinear, add_lora, lora_layers
+from qlora_kit.quant import NF4Linear
 from tests.conftest import save_tiny_checkpoint
 
 
@@ -29,14 +39,19 @@ def _export(source: Path, out: Path, **kwargs) -> Path:
     return export_merged(source, out, device="cpu", **kwargs)
 
 
+def with_tokenizer(path: Path, tokenizer_dir: Path) -> Path:
+    """``path`` with the tokenizer files of ``tokenizer_dir`` copied in."""
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).is_file():
+            shutil.copy(tokenizer_dir / name, path / name)
+    return path
+
+
 @pytest.fixture
 def tiny_dir(tmp_path: Path, smollm2_dir: Path) -> Path:
     """A tiny Llama with SmolLM2's vocabulary and tokenizer files (bos 1, eos 2 as in SmolLM2)."""
     path = save_tiny_checkpoint(tmp_path / "tiny", vocab_size=49152, hidden_size=64, intermediate_size=96)
-    for name in TOKENIZER_FILES:
-        if (smollm2_dir / name).is_file():
-            shutil.copy(smollm2_dir / name, path / name)
-    return path
+    return with_tokenizer(path, smollm2_dir)
 
 
 @pytest.fixture
@@ -119,29 +134,130 @@ def test_cli_with_adapter_folded_or_not_and_on_the_merged_export(adapted, tiny_d
     tokenizer = load_tokenizer(tiny_dir)
     expected = generate_text(adapted, tokenizer, "Hello there", "none", max_new_tokens=5)
     common = ["--prompt", "Hello there", "--template", "none", "--max-new-tokens", "5", "--device", "cpu"]
-    capsys.readouterr()
 
+    def answer(model: nn.Module) -> str:
+        return generate_text(model, tokenizer, "Hello there", "none", max_new_tokens=5) + "\n"
+
+    capsys.readouterr()
     assert generate_main(["--model", str(tiny_dir), "--adapter", str(tmp_path / "run"), *common]) == 0
-    assert capsys.readouterr().out.strip() == expected.strip()
+    assert capsys.readouterr().out == expected + "\n"
     assert (
         generate_main(["--model", str(tiny_dir), "--adapter", str(tmp_path / "run"), "--merge-adapter", *common]) == 0
     )
     assert capsys.readouterr().out.strip() == expected.strip()
 
-    # The merged export, loaded in 4-bit (default) and dense; and its bitsandbytes 4-bit re-quantization.
+    # The merged export loads dense by default (as exported); NF4 only when asked, with a note.
     merged = _export(tmp_path / "run", tmp_path / "merged", dtype="fp32")
     capsys.readouterr()
-    assert generate_main(["--model", str(merged), "--no-quantize", *common]) == 0
-    assert (
-        capsys.readouterr().out.strip()
-        == generate_text(
-            load_model(merged, device="cpu", quantize=False), tokenizer, "Hello there", "none", max_new_tokens=5
-        ).strip()
-    )
     assert generate_main(["--model", str(merged), *common]) == 0
-    assert isinstance(capsys.readouterr().out, str)
+    assert capsys.readouterr().out == answer(load_model(merged, device="cpu", quantize=False))
+    assert generate_main(["--model", str(merged), "--quantize", *common]) == 0
+    printed = capsys.readouterr()
+    assert printed.out == answer(load_model(merged, device="cpu"))
+    assert REQUANTIZE_NOTE.format(model=merged) in printed.err
+
+    # The bitsandbytes 4-bit export (in_features 96 here: bitsandbytes' own CPU forward cannot run it) goes
+    # through our loader, with its codes as written; an adapter can even go on top of it.
     nf4 = _export(tmp_path / "run", tmp_path / "nf4", dtype="fp32", quantize="nf4")
+    capsys.readouterr()
     assert generate_main(["--model", str(nf4), *common]) == 0
+    assert capsys.readouterr().out == answer(load_model(nf4, device="cpu"))
+    assert generate_main(["--model", str(nf4), "--adapter", str(tmp_path / "run"), *common]) == 0
+    on_top = load_model(nf4, device="cpu")
+    load_adapter(on_top, tmp_path / "run" / "adapter")
+    assert capsys.readouterr().out == answer(on_top)
+
+
+def test_exports_load_dense_and_base_models_in_nf4(adapted, tiny_dir, tmp_path, capsys):
+    save_adapter(adapted, tmp_path / "run" / "adapter", base_model_name_or_path=str(tiny_dir))
+    merged = _export(tmp_path / "run", tmp_path / "merged", dtype="fp32")
+
+    def nf4_layers(model: str, quantize: bool | None = None) -> int:
+        loaded, _, _ = load_for_generation(model, None, "cpu", "auto", quantize, merge_adapter=False)
+        return sum(isinstance(m, NF4Linear) for m in loaded.modules())
+
+    assert nf4_layers(str(merged)) == 0
+    assert nf4_layers(str(merged), quantize=True) == 14
+    assert nf4_layers(str(tiny_dir)) == 14  # a base model: as training saw it
+    assert nf4_layers(str(tiny_dir), quantize=False) == 0
+    nf4 = _export(tmp_path / "run", tmp_path / "nf4", dtype="fp32", quantize="nf4")
+    assert nf4_layers(str(nf4)) == 14
+    with pytest.raises(QloraKitError, match="cannot be loaded dense"):
+        nf4_layers(str(nf4), quantize=False)
+
+
+def test_other_bitsandbytes_checkpoints_go_through_transformers(adapted, tiny_dir, smollm2_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    # NF4 without double quantization, saved by transformers (input widths of 64 and 128: bitsandbytes' CPU
+    # forward runs them).
+    base = save_tiny_checkpoint(tmp_path / "base", vocab_size=49152, hidden_size=64, intermediate_size=128)
+    options = dict(bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=False, bnb_4bit_compute_dtype=torch.float32)
+    quantization = BitsAndBytesConfig(load_in_4bit=True, **options)
+    AutoModelForCausalLM.from_pretrained(base, quantization_config=quantization).save_pretrained(tmp_path / "4bit")
+    checkpoint = with_tokenizer(tmp_path / "4bit", smollm2_dir)
+    theirs = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    expected = generate_text(theirs, load_tokenizer(checkpoint), "Hello there", "none", max_new_tokens=4)
+    common = ["--prompt", "Hello there", "--template", "none", "--max-new-tokens", "4", "--device", "cpu"]
+    capsys.readouterr()
+    assert generate_main(["--model", str(checkpoint), *common]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+    save_adapter(adapted, tmp_path / "run" / "adapter", base_model_name_or_path=str(tiny_dir))
+    with pytest.raises(QloraKitError, match="an adapter cannot be added to it here"):
+        generate_main(["--model", str(checkpoint), "--adapter", str(tmp_path / "run"), *common])
+
+
+def test_template_recorded_with_the_adapter_is_used_by_auto(adapted, tiny_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    save_adapter(adapted, run / "adapter", base_model_name_or_path=str(tiny_dir), metadata={"template": "alpaca"})
+    tokenizer = load_tokenizer(tiny_dir)
+    assert tokenizer.chat_template  # without the record, auto would pick chat
+    alpaca = generate_text(adapted, tokenizer, "Name a color.", "alpaca", max_new_tokens=6)
+    chat = generate_text(adapted, tokenizer, "Name a color.", "chat", max_new_tokens=6)
+    assert alpaca != chat
+    common = ["--prompt", "Name a color.", "--max-new-tokens", "6", "--device", "cpu"]
+    capsys.readouterr()
+    assert generate_main(["--model", str(tiny_dir), "--adapter", str(run), *common]) == 0
+    assert capsys.readouterr().out == alpaca + "\n"
+    assert generate_main(["--model", str(tiny_dir), "--adapter", str(run), "--template", "chat", *common]) == 0
+    assert capsys.readouterr().out == chat + "\n"
+    # The export carries the record.
+    merged = _export(run, tmp_path / "merged", dtype="fp32")
+    assert json.loads((merged / METADATA_NAME).read_text())["template"] == "alpaca"
+    capsys.readouterr()
+    assert generate_main(["--model", str(merged), *common]) == 0
+    assert capsys.readouterr().out.strip() == alpaca.strip()
+
+    (run / "adapter" / METADATA_NAME).write_text('{"template": "vicuna"}')
+    with pytest.raises(QloraKitError, match="vicuna"):
+        generate_main(["--model", str(tiny_dir), "--adapter", str(run), *common])
+
+
+def test_alpaca_input_field(tiny_dir, capsys):
+    from qlora_kit.data import tokenize_alpaca
+
+    tokenizer = load_tokenizer(tiny_dir)
+    ids = encode_prompt(tokenizer, "Sort the words.", "alpaca", "pear, apple")["input_ids"][0].tolist()
+    assert ids == tokenize_alpaca(tokenizer, "Sort the words.", "pear, apple", "", add_eos=False)["input_ids"]
+    assert "### Input:\npear, apple" in tokenizer.decode(ids)
+    with pytest.raises(QloraKitError, match="--input"):
+        encode_prompt(tokenizer, "Sort the words.", "chat", "pear, apple")
+    with pytest.raises(QloraKitError, match="--input"):
+        generate_main(["--model", str(tiny_dir), "--prompt", "Sort.", "--input", "b, a", "--template", "none"])
+
+
+@pytest.mark.parametrize("prompt", ["", "  \n\t"])
+@pytest.mark.parametrize("template", ["none", "alpaca", "chat"])
+def test_empty_prompt_is_refused(adapted, tiny_dir, prompt, template, capsys):
+    tokenizer = load_tokenizer(tiny_dir)
+    with pytest.raises(QloraKitError, match="the prompt is empty") as err:
+        generate_text(adapted, tokenizer, prompt, template, max_new_tokens=3)
+    assert "--prompt TEXT" in str(err.value)
+    # The CLI refuses it before loading anything (a missing model would be the error otherwise).
+    with pytest.raises(QloraKitError, match="the prompt is empty"):
+        generate_main(["--model", str(tiny_dir / "not-loaded"), "--prompt", prompt, "--template", template])
+    assert cli_main(["generate", "--model", str(tiny_dir), "--prompt", prompt, "--template", template]) == 2
+    assert "the prompt is empty" in capsys.readouterr().err
 
 
 def test_cli_interactive_and_bad_arguments(tiny_dir, monkeypatch, capsys):
