@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import random
 from pathlib import Path
 
@@ -21,7 +22,9 @@ from qlora_kit.data import (
     IGNORE_INDEX,
     BatchPlan,
     alpaca_prompt,
+    chat_pieces,
     collate,
+    encode_prompt_ids,
     eval_batches,
     guanaco_to_messages,
     pack,
@@ -31,6 +34,7 @@ from qlora_kit.data import (
     tokenize_chat,
 )
 from qlora_kit.errors import QloraKitError
+from qlora_kit.loading import load_tokenizer
 from tests.conftest import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,6 +42,13 @@ ROWS = [
     {"instruction": "Reverse the word order.", "input": "the red fox runs", "output": "runs fox red the"},
     {"instruction": "Write 42 in words.", "input": "", "output": "forty-two"},
     {"instruction": "Sum the numbers.", "input": "3 apples and 4 pears", "output": "7"},
+]
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi there"},
+    {"role": "assistant", "content": "Hello!"},
+    {"role": "user", "content": "Again"},
+    {"role": "assistant", "content": "Yes, again."},
 ]
 
 
@@ -85,27 +96,28 @@ def test_train_on_inputs_trains_every_token_and_add_eos_false_drops_eos(tokenize
     assert example["input_ids"][-1] != tokenizer.eos_token_id
 
 
-def test_bos_is_added_once_when_the_tokenizer_adds_one(smollm2_dir):
+def bos_adding_tokenizer(smollm2_dir):
+    """A copy of the SmolLM2 tokenizer that puts a BOS (id 1) before every text, like Llama's."""
     from tokenizers.processors import TemplateProcessing
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)  # own copy: the post-processor is changed
     tokenizer._tokenizer.post_processor = TemplateProcessing(
         single="<|im_start|> $A", special_tokens=[("<|im_start|>", 1)]
     )
-    assert tokenizer("hi")["input_ids"][0] == 1  # this tokenizer now adds a BOS (id 1) like Llama's
+    assert tokenizer("hi")["input_ids"][0] == 1
+    return tokenizer
+
+
+def test_bos_is_added_once_when_the_tokenizer_adds_one(smollm2_dir):
+    tokenizer = bos_adding_tokenizer(smollm2_dir)
     example = tokenize_alpaca(tokenizer, "Say hi.", "", "hi")
     assert example["input_ids"][0] == 1 and example["input_ids"][1] != 1
     assert example["labels"][0] == IGNORE_INDEX
+    assert_prompt_then_response(example, encode_prompt_ids(tokenizer, "alpaca", "Say hi."))
 
 
 def test_chat_trains_on_assistant_turns_only(tokenizer):
-    messages = [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Hi there"},
-        {"role": "assistant", "content": "Hello!"},
-        {"role": "user", "content": "Again"},
-        {"role": "assistant", "content": "Yes, again."},
-    ]
+    messages = CONVERSATION
     example = tokenize_chat(tokenizer, messages)
     # The pieces concatenate to exactly what the whole conversation tokenizes to.
     assert example["input_ids"] == ids(tokenizer, tokenizer.apply_chat_template(messages, tokenize=False))
@@ -122,6 +134,82 @@ def test_chat_trains_on_assistant_turns_only(tokenizer):
     assert tokenize_chat(tokenizer, messages, train_on_inputs=True)["labels"] == example["input_ids"]
 
 
+# ------------------------------------------------------------- one prompt encoding: training == generation
+
+
+@pytest.fixture(scope="module")
+def loaded_tokenizer(smollm2_dir):
+    return load_tokenizer(smollm2_dir)  # the tokenizer train and generate use
+
+
+def assert_prompt_then_response(example: dict, prompt: list[int]) -> None:
+    """``example`` starts with exactly ``prompt``, untrained, and its very next token is trained."""
+    n = len(prompt)
+    assert example["input_ids"][:n] == prompt
+    assert example["labels"][:n] == [IGNORE_INDEX] * n
+    assert example["labels"][n] == example["input_ids"][n] != IGNORE_INDEX
+
+
+@pytest.mark.parametrize("input", ["", "the red fox"])
+def test_alpaca_generation_prompt_is_the_training_prompt_token_for_token(loaded_tokenizer, input):
+    tokenizer = loaded_tokenizer
+    prompt = encode_prompt_ids(tokenizer, "alpaca", "Reverse the word order.", input)
+    example = tokenize_alpaca(tokenizer, "Reverse the word order.", input, "fox red the")
+    assert_prompt_then_response(example, prompt)
+    assert tokenizer.decode(prompt) == alpaca_prompt("Reverse the word order.", input)
+    assert example["input_ids"][len(prompt) :] == [*ids(tokenizer, "fox red the"), tokenizer.eos_token_id]
+
+
+def test_chat_generation_prompt_is_the_training_prompt_token_for_token(loaded_tokenizer):
+    tokenizer = loaded_tokenizer
+    prompt = encode_prompt_ids(tokenizer, "chat", "What is 2+2?")
+    conversation = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4."}]
+    example = tokenize_chat(tokenizer, conversation)
+    assert_prompt_then_response(example, prompt)
+    assert tokenizer.decode(prompt).endswith("<|im_end|>\n<|im_start|>assistant\n")
+    assert tokenizer.decode(example["input_ids"][len(prompt) :]) == "4.<|im_end|>\n"
+    # For SmolLM2 the pieces are also what the whole rendered prompt tokenizes to.
+    whole = tokenizer.apply_chat_template(conversation[:1], tokenize=False, add_generation_prompt=True)
+    assert prompt == ids(tokenizer, whole)
+
+
+def test_every_assistant_turn_follows_its_generation_prompt(loaded_tokenizer):
+    tokenizer = loaded_tokenizer
+    messages = CONVERSATION
+    example = tokenize_chat(tokenizer, messages)
+    for turn in (2, 4):
+        pieces = chat_pieces(tokenizer, messages[:turn], add_generation_prompt=True)
+        prompt = [token for piece, _ in pieces for token in piece]
+        assert example["input_ids"][: len(prompt)] == prompt
+        assert example["labels"][len(prompt)] != IGNORE_INDEX and example["labels"][len(prompt) - 1] == IGNORE_INDEX
+
+
+def test_none_template_is_the_raw_text_after_the_special_prefix(loaded_tokenizer, smollm2_dir):
+    assert encode_prompt_ids(loaded_tokenizer, "none", "Hello there") == loaded_tokenizer("Hello there")["input_ids"]
+    bos_tokenizer = bos_adding_tokenizer(smollm2_dir)
+    assert encode_prompt_ids(bos_tokenizer, "none", "Hello there") == [1, *ids(bos_tokenizer, "Hello there")]
+
+
+def test_unknown_prompt_template_is_named_with_the_choices(loaded_tokenizer):
+    with pytest.raises(QloraKitError, match=r"unknown prompt template 'auto'; use one of: alpaca, chat, none"):
+        encode_prompt_ids(loaded_tokenizer, "auto", "Hi")
+
+
+@pytest.mark.parametrize("template", ["chat", "none"])
+def test_input_outside_the_alpaca_template_is_refused(loaded_tokenizer, template):
+    with pytest.raises(QloraKitError, match=rf"the '{template}' template has no separate input.*instruction"):
+        encode_prompt_ids(loaded_tokenizer, template, "Sum these.", "3 and 4")
+
+
+def test_chat_prompt_needs_a_chat_template(smollm2_dir):
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)  # own copy: the template is removed
+    tokenizer.chat_template = None
+    with pytest.raises(QloraKitError, match=r"needs a tokenizer with a chat template.*alpaca or none"):
+        encode_prompt_ids(tokenizer, "chat", "Hi")
+    with pytest.raises(QloraKitError, match=r"data\.format=chat needs a tokenizer with a chat template"):
+        tokenize_chat(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])
+
+
 def test_guanaco_text_becomes_messages():
     text = "### Human: What is 2+2?### Assistant: 4.### Human: And 3+3?### Assistant: 6."
     assert guanaco_to_messages(text) == [
@@ -134,7 +222,7 @@ def test_guanaco_text_becomes_messages():
         guanaco_to_messages("no markers here")
 
 
-def test_chat_format_reads_guanaco_text_and_sharegpt_columns(tokenizer, tmp_path, capsys):
+def test_chat_format_reads_guanaco_text_and_sharegpt_columns(tokenizer, tmp_path):
     guanaco = write_jsonl(tmp_path / "guanaco.jsonl", [{"text": "### Human: Hi### Assistant: Hello!"}])
     prepared = prepare_data(DataConfig(path=str(guanaco), format="chat"), tokenizer)
     expected = tokenize_chat(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}])
@@ -151,7 +239,7 @@ def test_chat_format_reads_guanaco_text_and_sharegpt_columns(tokenizer, tmp_path
 # ------------------------------------------------------------------------------ truncation, dropping
 
 
-def test_cutoff_truncates_keeping_the_beginning(tokenizer, tmp_path, capsys):
+def test_cutoff_truncates_keeping_the_beginning(tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "Repeat.", "output": "word " * 100}])
     full = prepare_data(DataConfig(path=str(path)), tokenizer).train[0]
     cut = prepare_data(DataConfig(path=str(path), cutoff_len=60), tokenizer)
@@ -161,19 +249,20 @@ def test_cutoff_truncates_keeping_the_beginning(tokenizer, tmp_path, capsys):
     assert cut.stats.trainable_tokens == sum(label != IGNORE_INDEX for label in cut.train[0]["labels"]) > 0
 
 
-def test_examples_whose_prompt_fills_the_cutoff_are_dropped_with_a_warning(tokenizer, tmp_path, capsys):
+def test_examples_whose_prompt_fills_the_cutoff_are_dropped_with_a_warning(tokenizer, tmp_path, caplog):
     rows = [ROWS[1], {"instruction": "Summarize. " + "long text " * 80, "output": "ok"}, ROWS[2]]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     prepared = prepare_data(DataConfig(path=str(path), cutoff_len=64), tokenizer)
     assert prepared.stats.dropped == 1 and prepared.stats.examples == 2
     assert all(any(label != IGNORE_INDEX for label in ex["labels"]) for ex in prepared.train)
-    assert "dropped 1 examples" in capsys.readouterr().out
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name.startswith("qlora_kit.data")]
+    assert len(warnings) == 1 and "dropped 1 examples" in warnings[0].getMessage()
 
 
 # ----------------------------------------------------------------------------------------- loading
 
 
-def test_json_jsonl_csv_parquet_and_directory_give_the_same_examples(tokenizer, tmp_path, capsys):
+def test_json_jsonl_csv_parquet_and_directory_give_the_same_examples(tokenizer, tmp_path):
     rows = [*ROWS, {"instruction": "What is 6*7?", "input": "", "output": "42"}]  # a csv column of numbers
     write_jsonl(tmp_path / "d.jsonl", rows)
     (tmp_path / "d.json").write_text(json.dumps(rows))
@@ -194,19 +283,20 @@ def test_json_jsonl_csv_parquet_and_directory_give_the_same_examples(tokenizer, 
     assert prepare_data(DataConfig(path=str(folder)), tokenizer).train == expected
 
 
-def test_missing_input_column_and_column_map(tokenizer, tmp_path, capsys):
+def test_missing_input_column_and_column_map(tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"question": "Say hi.", "answer": "hi"}])
     cfg = DataConfig(path=str(path), column_map={"instruction": "question", "output": "answer"})
     assert prepare_data(cfg, tokenizer).train == [tokenize_alpaca(tokenizer, "Say hi.", "", "hi")]
 
 
-def test_max_samples_uses_the_first_rows(tokenizer, tmp_path, capsys):
+def test_max_samples_uses_the_first_rows(tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", ROWS)
     prepared = prepare_data(DataConfig(path=str(path), max_samples=2), tokenizer)
     assert prepared.train == [tokenize_alpaca(tokenizer, **row) for row in ROWS[:2]]
 
 
-def test_the_sample_recipe_data_prepares_cleanly(tokenizer, capsys):
+def test_the_sample_recipe_data_prepares_cleanly(tokenizer, caplog):
+    caplog.set_level(logging.INFO, logger="qlora_kit.data")
     cfg = DataConfig(
         path=str(REPO / "recipes/data/text_tools_train.jsonl"),
         val_path=str(REPO / "recipes/data/text_tools_val.jsonl"),
@@ -215,7 +305,10 @@ def test_the_sample_recipe_data_prepares_cleanly(tokenizer, capsys):
     assert prepared.stats.rows == prepared.stats.examples == 406
     assert prepared.stats.truncated == prepared.stats.dropped == 0
     assert prepared.stats.max_length <= 128 and len(prepared.val) == 63
-    assert "406 rows" in capsys.readouterr().out
+    assert "406 rows" in caplog.text
+    caplog.clear()
+    prepare_data(cfg, tokenizer, verbose=False)
+    assert not caplog.records
 
 
 def test_sample_data_files_are_what_the_generator_writes():
@@ -378,7 +471,7 @@ def test_a_bad_row_is_named_where_the_user_finds_it(tokenizer, tmp_path, kind, w
 # -------------------------------------------------------------------------------------- validation
 
 
-def test_val_split_count_and_fraction_deterministic(tokenizer, tmp_path, capsys):
+def test_val_split_count_and_fraction_deterministic(tokenizer, tmp_path):
     rows = list(range(50))
     train, val = split_validation(rows, 7, seed=1)
     assert len(val) == 7 and sorted(train + val) == rows
