@@ -5,7 +5,7 @@
 
 Both stacks train the same model on the same batch with the same settings:
 
-  ours       ``load_model`` (streaming NF4 + double quant) -> ``add_lora`` -> ``train.causal_lm_loss``
+  ours       ``load_model`` (streaming NF4 + double quant) -> ``add_lora`` -> ``loss.causal_lm_loss``
   reference  ``AutoModelForCausalLM.from_pretrained(quantization_config=BitsAndBytesConfig(load_in_4bit,
              nf4, double quant, compute dtype))`` -> ``peft.get_peft_model(LoraConfig)`` -> ``model(**batch,
              labels=...).loss``
@@ -170,7 +170,7 @@ def build_ours(model_dir: str, device, dtype, checkpointing: bool):
     model.train()
 
     def loss_fn(batch):
-        from qlora_kit.train import causal_lm_loss
+        from qlora_kit.loss import causal_lm_loss
 
         loss_sum, n = causal_lm_loss(model, batch)
         return loss_sum / max(n, 1)

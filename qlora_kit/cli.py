@@ -76,9 +76,53 @@ def quiet_third_party_noise() -> None:
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 
+class _PlainFormatter(logging.Formatter):
+    """INFO as the bare message (what a user reads as the command's output); warnings and errors prefixed."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        return message if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {message}"
+
+
+class _StdStream(logging.StreamHandler):
+    """A handler on sys.stdout or sys.stderr as they are when a record is written (not when it was made), so
+    redirecting them later (pytest's capture, contextlib.redirect_stdout) redirects the messages too."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self._name = name
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return getattr(sys, self._name)
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns one; the property decides
+        pass
+
+
+def configure_logging() -> None:
+    """The library logs (``logging.getLogger(__name__)`` in each module); the CLI shows its INFO messages on
+    stdout, warnings on stderr. QLORA_KIT_LOG_LEVEL=DEBUG (or WARNING) changes what is shown."""
+    package = logging.getLogger("qlora_kit")
+    if any(getattr(h, "qlora_kit_cli", False) for h in package.handlers):
+        return  # main() called twice in one process (tests)
+    for stream, keep in (("stdout", lambda r: r.levelno < logging.WARNING), ("stderr", None)):
+        handler = _StdStream(stream)
+        handler.setFormatter(_PlainFormatter("%(message)s"))
+        handler.qlora_kit_cli = True  # type: ignore[attr-defined]
+        if keep is not None:
+            handler.addFilter(keep)
+        else:
+            handler.setLevel(logging.WARNING)
+        package.addHandler(handler)
+    package.setLevel(os.environ.get("QLORA_KIT_LOG_LEVEL", "INFO").upper())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     quiet_third_party_noise()
+    configure_logging()
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2

@@ -31,7 +31,9 @@ import torch
 from torch import nn
 
 from qlora_kit.adapter import METADATA_NAME, find_adapter_dir, load_adapter, read_metadata
+from qlora_kit.data import encode_prompt_ids
 from qlora_kit.errors import QloraKitError
+from qlora_kit.facts import PROMPT_TEMPLATES
 from qlora_kit.loading import (
     bnb_quantization,
     is_nf4_double_quant,
@@ -44,7 +46,7 @@ from qlora_kit.lora import lora_layers, merge_lora_weight
 from qlora_kit.models import resolve_model_dir
 from qlora_kit.quant import NF4Linear
 
-TEMPLATES = ("auto", "alpaca", "chat", "none")
+TEMPLATES = ("auto", *PROMPT_TEMPLATES)  # auto: the template recorded with the run, else by the tokenizer
 REQUANTIZE_NOTE = (
     "note: {model} is a merged qlora-kit export; --quantize re-quantizes its merged weights to NF4, which "
     "rounds away part of the fine-tune (the LoRA update is often smaller than one NF4 step). Without "
@@ -79,22 +81,11 @@ def encode_prompt(tokenizer, prompt: str, template: str = "none", input_text: st
             f"--input is the Alpaca format's input field; the {template!r} template has no place for it. "
             "Use --template alpaca, or put the text into --prompt"
         )
-    if template == "chat":
-        if not has_chat:
-            raise QloraKitError(
-                "--template chat needs a tokenizer with a chat template; this one has none. "
-                "Use --template alpaca or none"
-            )
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+    if template == "chat" and not has_chat:
+        raise QloraKitError(
+            "--template chat needs a tokenizer with a chat template; this one has none. Use --template alpaca or none"
         )
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # the template holds its special tokens
-    elif template == "alpaca":
-        from qlora_kit.data import tokenize_alpaca  # the prompt ids of training's Alpaca rows
-
-        ids = tokenize_alpaca(tokenizer, prompt, input_text, "", add_eos=False)["input_ids"]
-    else:
-        ids = tokenizer(prompt)["input_ids"]
+    ids = encode_prompt_ids(tokenizer, template, prompt, input_text)  # token for token a training prompt
     input_ids = torch.tensor([ids], dtype=torch.long)
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
 

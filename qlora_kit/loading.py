@@ -34,7 +34,13 @@ from qlora_kit.lora import decoder_linear_names
 from qlora_kit.models import resolve_model_dir
 from qlora_kit.quant import ABSMAX_BLOCKSIZE, NF4_BLOCKSIZE, NF4Linear, _absmax_table, _nf4_table
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # facts.DTYPE_NAMES as torch dtypes
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bf16"``: the name users type for a compute dtype."""
+    return next(name for name, value in DTYPES.items() if value == dtype)
+
 
 # What a model dir must hold, said the same way by every message about a dir that lacks some of it.
 MODEL_DIR_FILES = (

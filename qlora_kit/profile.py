@@ -187,7 +187,7 @@ def measure_training_step(
     max_grad_norm: float = 0.0,
 ) -> Measurement:
     """One micro-batch step of ``train.train`` (loss, backward, clip, optimizer step, zero grads), measured."""
-    from qlora_kit.train import causal_lm_loss
+    from qlora_kit.loss import causal_lm_loss
 
     params = [p for group in optimizer.param_groups for p in group["params"]]
     state: dict[str, object] = {}
@@ -228,7 +228,8 @@ def profile_run(cfg, steps: int = 3) -> dict:
     from qlora_kit.data import IGNORE_INDEX, prepare_data
     from qlora_kit.loading import DTYPES, load_tokenizer
     from qlora_kit.memory import plan_memory, shape_from_config
-    from qlora_kit.train import load_lora_model, make_batch_plan, make_optimizer, resolve_run_dtypes
+    from qlora_kit.optim import make_optimizer
+    from qlora_kit.train import load_lora_model, make_batch_plan, resolve_run_dtypes
 
     tc = cfg.train
     device, dtype, adapter_dtype = resolve_run_dtypes(cfg)

@@ -16,7 +16,8 @@ from qlora_kit.loading import load_model
 from qlora_kit.lora import add_lora
 from qlora_kit.memory import MB, plan_memory, shape_from_config
 from qlora_kit.profile import live_tensor_bytes, measure_phases, measure_training_step
-from qlora_kit.train import causal_lm_loss, make_optimizer
+from qlora_kit.loss import causal_lm_loss
+from qlora_kit.optim import make_optimizer
 from tests.conftest import gpu, save_tiny_checkpoint
 
 RANK, DROPOUT = 16, 0.05

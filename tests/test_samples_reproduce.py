@@ -50,7 +50,7 @@ def _generated(capsys, argv: list[str]) -> str:
 
 
 @pytest.mark.parametrize("data_format", ["alpaca", "chat"])
-def test_after_training_samples_are_what_generate_prints(tiny_model_dir, tmp_path, capsys, data_format):
+def test_after_training_samples_are_what_generate_prints(tiny_model_dir, tmp_path, capsys, caplog, data_format):
     train_file, val_file = TOOLS / "text_tools_train.jsonl", TOOLS / "text_tools_val.jsonl"
     if data_format == "chat":
         train_file = _as_chat(train_file, tmp_path / "train.jsonl")
@@ -72,9 +72,9 @@ def test_after_training_samples_are_what_generate_prints(tiny_model_dir, tmp_pat
         "output.dir": run,
         "output.sample_max_new_tokens": 8,
     }
-    capsys.readouterr()
-    train(load_config(None, [f"{k}={v}" for k, v in overrides.items()]))
-    printed = capsys.readouterr().out
+    with caplog.at_level("INFO", logger="qlora_kit"):
+        train(load_config(None, [f"{k}={v}" for k, v in overrides.items()]))
+    printed = "\n".join(record.getMessage() for record in caplog.records)
     before = json.loads((run / "samples_before.json").read_text())
     after = json.loads((run / "samples_after.json").read_text())
     assert len(after) == 3

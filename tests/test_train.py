@@ -158,7 +158,7 @@ def test_paged_optimizer_on_cpu_is_a_clear_error(tiny_model_dir, tmp_path):
 
 @pytest.mark.skipif(os.cpu_count() is None, reason="")
 def test_lr_schedules():
-    from qlora_kit.train import lr_lambda
+    from qlora_kit.optim import lr_lambda
 
     for kind in ("constant", "cosine", "linear"):
         f = lr_lambda(kind, warmup=3, total=10)
@@ -173,14 +173,14 @@ def test_chunked_loss_equals_cross_entropy(monkeypatch, dtype):
     """causal_lm_loss's lm_head + loss node: F.cross_entropy's value and gradients, over several chunks."""
     import torch.nn.functional as F
 
-    from qlora_kit import train as train_module
+    from qlora_kit import loss as loss_module
 
-    monkeypatch.setattr(train_module, "LOSS_CHUNK_TOKENS", 7)
+    monkeypatch.setattr(loss_module, "LOSS_CHUNK_TOKENS", 7)
     torch.manual_seed(0)
     hidden = torch.randn(30, 16).to(dtype).requires_grad_(True)
     weight = (torch.randn(50, 16) * 0.5).to(dtype).requires_grad_(True)
     targets = torch.randint(0, 50, (30,))
-    loss = train_module._LinearCrossEntropy.apply(hidden, weight, targets)
+    loss = loss_module._LinearCrossEntropy.apply(hidden, weight, targets)
     (0.5 * loss).backward()
     ours = (loss.detach(), hidden.grad, weight.grad)
     hidden.grad = weight.grad = None
@@ -198,14 +198,15 @@ def test_a_run_that_fails_to_start_leaves_no_output_dir(tiny_model_dir, tmp_path
     assert not out.exists()
 
 
-def test_rerunning_a_complete_run_says_so_and_changes_nothing(tiny_model_dir, tmp_path, capsys):
+def test_rerunning_a_complete_run_says_so_and_changes_nothing(tiny_model_dir, tmp_path, caplog):
     out = tmp_path / "run"
     overrides = _overrides(tiny_model_dir, out, **{"train.max_steps": 2, "data.max_samples": 16})
     train(load_config(None, overrides))
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    capsys.readouterr()
-    result = train(load_config(None, overrides))
-    said = capsys.readouterr().out
+    caplog.clear()
+    with caplog.at_level("INFO", logger="qlora_kit"):
+        result = train(load_config(None, overrides))
+    said = caplog.text
     assert result.status == "completed" and result.steps == 2
     assert "is a complete run (2 of 2 steps" in said and "train.resume=none" in said and "eval loss" not in said
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

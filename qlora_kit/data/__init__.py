@@ -17,9 +17,15 @@ and orders micro-batches. Each module's docstring carries its contract.
 """
 
 from qlora_kit.data.batching import GROUPING_MEGABATCH, BatchPlan, collate, eval_batches, pack, pack_blocks
-from qlora_kit.data.prepare import DataStats, PreparedData, prepare_data, split_validation
+from qlora_kit.data.prepare import DataStats, PreparedData, Prompt, prepare_data, split_validation
 from qlora_kit.data.sources import Row, Table, load_table, read_rows
-from qlora_kit.data.templates import alpaca_prompt, chat_pieces, encode_prompt_ids, guanaco_to_messages
+from qlora_kit.data.templates import (
+    alpaca_prompt,
+    chat_pieces,
+    encode_prompt_ids,
+    guanaco_to_messages,
+    prompt_template,
+)
 from qlora_kit.data.tokenize import (
     IGNORE_INDEX,
     Example,
@@ -37,6 +43,7 @@ __all__ = [
     "DataStats",
     "Example",
     "PreparedData",
+    "Prompt",
     "Row",
     "Table",
     "alpaca_prompt",
@@ -49,6 +56,7 @@ __all__ = [
     "pack",
     "pack_blocks",
     "prepare_data",
+    "prompt_template",
     "read_rows",
     "resolve_pad_id",
     "split_validation",

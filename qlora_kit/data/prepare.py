@@ -41,12 +41,23 @@ class DataStats:
     val_examples: int
 
 
+@dataclass(frozen=True)
+class Prompt:
+    """A held-out row as a prompt, in the words ``generate`` takes it (``encode_prompt_ids`` makes its ids)."""
+
+    instruction: str  # alpaca: the instruction; chat: the first user message
+    input: str  # alpaca's input field ("" for chat)
+    template: str  # alpaca | chat
+    reference: str | None = None  # the row's answer (chat: the first assistant message)
+
+
 @dataclass
 class PreparedData:
     train: list[Example]
     val: list[Example] | None
     stats: DataStats
     pad_token_id: int
+    val_prompts: list[Prompt] | None = None  # the prompt of each val example, for before/after samples
 
 
 def prepare_data(cfg: DataConfig, tokenizer: Any, verbose: bool = True) -> PreparedData:
@@ -59,8 +70,8 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, verbose: bool = True) -> Prepa
     elif cfg.val_set_size:
         rows, val_rows = split_validation(rows, cfg.val_set_size, cfg.shuffle_seed)
 
-    train, counts = _tokenize_rows(rows, cfg, tokenizer)
-    val = _tokenize_rows(val_rows, cfg, tokenizer)[0] if val_rows is not None else None
+    train, _, counts = _tokenize_rows(rows, cfg, tokenizer)
+    val, val_prompts, _ = _tokenize_rows(val_rows, cfg, tokenizer) if val_rows is not None else (None, None, {})
     if not train:
         raise QloraKitError(
             f"{cfg.path}: no training example has a response token left within "
@@ -79,7 +90,7 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, verbose: bool = True) -> Prepa
     )
     if verbose:
         _report(stats, cfg)
-    return PreparedData(train=train, val=val, stats=stats, pad_token_id=resolve_pad_id(tokenizer))
+    return PreparedData(train, val, stats, resolve_pad_id(tokenizer), val_prompts)
 
 
 def _report(stats: DataStats, cfg: DataConfig) -> None:
@@ -117,12 +128,17 @@ def split_validation(rows: list, val_set_size: float, seed: int) -> tuple[list, 
     return train, val
 
 
-def _tokenize_rows(rows: list[Row], cfg: DataConfig, tokenizer: Any) -> tuple[list[Example], dict[str, int]]:
-    """The rows' examples, truncated to cutoff_len, without those left with no trainable token; and counts."""
+def _tokenize_rows(
+    rows: list[Row], cfg: DataConfig, tokenizer: Any
+) -> tuple[list[Example], list[Prompt], dict[str, int]]:
+    """The rows' examples (truncated to cutoff_len, without those left with no trainable token), the prompt of
+    each kept example, and counts."""
     examples: list[Example] = []
+    prompts: list[Prompt] = []
     counts = {"truncated": 0, "dropped": 0}
     for row in rows:
-        example = _tokenize_row(row, cfg, tokenizer)
+        messages = None if cfg.format == "alpaca" else _row_messages(row)
+        example = _tokenize_row(row, messages, cfg, tokenizer)
         if len(example["input_ids"]) > cfg.cutoff_len:
             counts["truncated"] += 1
             example = truncate(example, cfg.cutoff_len)
@@ -131,13 +147,28 @@ def _tokenize_rows(rows: list[Row], cfg: DataConfig, tokenizer: Any) -> tuple[li
             counts["dropped"] += 1
             continue
         examples.append(example)
-    return examples, counts
+        prompts.append(_row_prompt(row, messages))
+    return examples, prompts, counts
 
 
-def _tokenize_row(row: Row, cfg: DataConfig, tokenizer: Any) -> Example:
+def _row_messages(row: Row) -> list[dict[str, str]]:
+    """A chat row's conversation: its messages list, or its Guanaco text split into turns."""
+    source, where, fields = row
+    if "messages" in fields:
+        return messages_field(fields["messages"], source, where, "messages")
+    text = text_field(fields["text"], source, where, "text", required=True)
+    try:
+        return guanaco_to_messages(text)
+    except ValueError as e:
+        raise QloraKitError(
+            f"{source}: {where}: field 'text': {e}; chat text must look like '### Human: ... ### Assistant: ...'"
+        ) from None
+
+
+def _tokenize_row(row: Row, messages: list[dict[str, str]] | None, cfg: DataConfig, tokenizer: Any) -> Example:
     """One row's example; a bad field or conversation is an error naming the source, row and field."""
     source, where, fields = row
-    if cfg.format == "alpaca":
+    if messages is None:
         return tokenize_alpaca(
             tokenizer,
             text_field(fields["instruction"], source, where, "instruction", required=True),
@@ -146,17 +177,21 @@ def _tokenize_row(row: Row, cfg: DataConfig, tokenizer: Any) -> Example:
             train_on_inputs=cfg.train_on_inputs,
             add_eos=cfg.add_eos,
         )
-    if "messages" in fields:
-        messages = messages_field(fields["messages"], source, where, "messages")
-    else:
-        text = text_field(fields["text"], source, where, "text", required=True)
-        try:
-            messages = guanaco_to_messages(text)
-        except ValueError as e:
-            raise QloraKitError(
-                f"{source}: {where}: field 'text': {e}; chat text must look like '### Human: ... ### Assistant: ...'"
-            ) from None
     try:
         return tokenize_chat(tokenizer, messages, train_on_inputs=cfg.train_on_inputs)
     except ValueError as e:
         raise QloraKitError(f"{source}: {where}: {e}") from None
+
+
+def _row_prompt(row: Row, messages: list[dict[str, str]] | None) -> Prompt:
+    """The row as a prompt: the Alpaca fields, or a conversation's first user message and first answer."""
+    source, where, fields = row
+    if messages is None:
+        instruction, input, output = (
+            text_field(fields[name], source, where, name, required=name != "input")
+            for name in ("instruction", "input", "output")
+        )
+        return Prompt(instruction, input, "alpaca", output)
+    user = next((m["content"] for m in messages if m["role"] == "user"), "")
+    answer = next((m["content"] for m in messages if m["role"] == "assistant"), "")
+    return Prompt(user, "", "chat", answer)

@@ -45,6 +45,11 @@ def alpaca_prompt(instruction: str, input: str = "") -> str:
     return PROMPT_NO_INPUT.format(instruction=instruction)
 
 
+def prompt_template(data_format: str, template: str) -> str:
+    """The prompt template a run's data is formatted with (recorded with its adapter for ``generate``)."""
+    return "chat" if data_format == "chat" else template
+
+
 def guanaco_to_messages(text: str) -> list[dict[str, str]]:
     """Split Guanaco/OASST text ("### Human: ... ### Assistant: ...") into chat messages."""
     parts = re.split(r"###\s*(Human|Assistant)\s*:", text)
