@@ -3,6 +3,7 @@ that does not fit, with the plan's table and what to change; a budget that fits 
 
 from __future__ import annotations
 
+import logging
 import re
 
 import pytest
@@ -12,8 +13,9 @@ from qlora_kit.cli import main
 from qlora_kit.config import load_config
 from qlora_kit.data import IGNORE_INDEX, prepare_data
 from qlora_kit.errors import QloraKitError
+from qlora_kit.facts import GiB
 from qlora_kit.loading import load_tokenizer
-from qlora_kit.memory import GiB, check_budget, largest_micro_batch, plan_run
+from qlora_kit.memory import check_budget, largest_micro_batch, plan_run
 from qlora_kit.train import make_batch_plan, train
 from tests.test_train import TOOLS, _overrides, tiny_model_dir  # noqa: F401 (a fixture)
 
@@ -42,12 +44,13 @@ def test_a_budget_too_small_refuses_before_loading_and_writes_nothing(tiny_model
     assert not out.exists() or not any(out.iterdir())  # no config.yaml, metrics, checkpoints
 
 
-def test_a_budget_that_fits_trains(tiny_model_dir, tmp_path, capsys):  # noqa: F811
+def test_a_budget_that_fits_trains(tiny_model_dir, tmp_path, caplog):  # noqa: F811
     out = tmp_path / "run"
     cfg = load_config(None, _overrides(tiny_model_dir, out, **{"model.max_memory_gb": 64, "train.max_steps": 2}))
-    result = train(cfg)
+    with caplog.at_level(logging.INFO, logger="qlora_kit.memory"):
+        result = train(cfg)
     assert result.status == "completed" and result.steps == 2 and (out / "adapter").is_dir()
-    assert "GiB of the 64 GiB budget (largest micro-batch 4 x " in capsys.readouterr().out
+    assert "GiB of the 64 GiB budget (largest micro-batch 4 x " in caplog.text
 
 
 def test_the_budget_is_in_gib_and_the_threshold_is_the_plans_total(tiny_model_dir, tmp_path):  # noqa: F811

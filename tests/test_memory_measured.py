@@ -1,6 +1,6 @@
 """The planner against measurement: real training steps, measured peak of live tensor bytes by phase.
 
-CPU: ``profile.measure_phases`` (exact live storages at the start + torch.profiler's allocator events); it is
+CPU: ``memory.profile.measure_phases`` (exact live storages at the start + torch.profiler's allocator events); it is
 checked first against known allocations. CUDA (marked ``gpu``): ``torch.cuda.max_memory_allocated``. The bar
 (issue 5): the planned peak of a training step within 10% of the measured one, for SmolLM2-135M and two tiny
 configs at two sequence lengths, with checkpointing off and on.
@@ -12,11 +12,17 @@ import pytest
 import torch
 
 from qlora_kit.config import TrainConfig
+from qlora_kit.facts import MB
 from qlora_kit.loading import load_model
 from qlora_kit.lora import add_lora
-from qlora_kit.memory import MB, plan_memory, shape_from_config
-from qlora_kit.profile import live_tensor_bytes, measure_phases, measure_training_step
 from qlora_kit.loss import causal_lm_loss
+from qlora_kit.memory import (
+    live_tensor_bytes,
+    measure_phases,
+    measure_training_step,
+    plan_memory,
+    shape_from_config,
+)
 from qlora_kit.optim import make_optimizer
 from tests.conftest import gpu, save_tiny_checkpoint
 
@@ -69,12 +75,6 @@ def test_live_tensor_bytes_sees_existing_tensors_and_views_once():
     assert live_tensor_bytes() - before == 2_000_000
     del t, views
     assert live_tensor_bytes() == before
-
-
-def test_loss_chunk_is_the_training_loops():
-    from qlora_kit import memory, train
-
-    assert memory.LOSS_CHUNK_TOKENS == train.LOSS_CHUNK_TOKENS
 
 
 # --- the planner against real steps ------------------------------------------------------------------------

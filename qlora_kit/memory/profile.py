@@ -1,5 +1,6 @@
-"""Measured memory: ``qlora-kit profile RECIPE`` runs a few real training steps and reports the peak of
-each phase (load, forward, backward, optimizer step) beside the planner's prediction.
+"""Measured memory: ``profile_run`` (``qlora-kit profile RECIPE``) runs a few real training steps and
+measures the peak of each phase (load, forward, backward, optimizer step) beside the planner's prediction;
+``memory.render`` writes the result (table, profile.json/.md/.png).
 
 How memory is measured (``measure_phases``):
 
@@ -19,22 +20,19 @@ Peak RSS (the process's high-water mark so far, ``ru_maxrss``) is reported besid
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
-import json
 import os
 import resource
 import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-MB = 10**6
 PHASES = ("load", "forward", "backward", "optimizer step")
 
 
@@ -227,7 +225,8 @@ def profile_run(cfg, steps: int = 3) -> dict:
     """Load the recipe's model, run ``steps`` real optimizer steps (one micro-batch each), measure by phase."""
     from qlora_kit.data import IGNORE_INDEX, prepare_data
     from qlora_kit.loading import DTYPES, load_tokenizer
-    from qlora_kit.memory import plan_memory, shape_from_config
+    from qlora_kit.memory.plan import plan_memory
+    from qlora_kit.memory.shapes import shape_from_config
     from qlora_kit.optim import make_optimizer
     from qlora_kit.train import load_lora_model, make_batch_plan, resolve_run_dtypes
 
@@ -277,171 +276,24 @@ def profile_run(cfg, steps: int = 3) -> dict:
             }
         )
 
-    phases = [
-        PhaseRow("load", load_measured["load"].peak, records[0]["plan"].phases["load"], load_measured["load"].peak_rss)
-    ]
-    for name in PHASES[1:]:
-        best = max(records, key=lambda r: r["measured"][name].peak)
-        phases.append(
-            PhaseRow(name, best["measured"][name].peak, best["planned"][name], best["measured"][name].peak_rss)
-        )
     peak_record = max(records, key=lambda r: r["measured"].peak)
     return {
         "recipe": cfg,
         "device": device.type,
-        "phases": phases,
+        "phases": _phase_rows(load_measured, records),
         "steps": records,
         "plan": peak_record["plan"],
         "load": load_measured,
     }
 
 
-def _step_peak(result: dict) -> tuple[int, int]:
-    """Measured and planned peak of the training step: the highest phase of each (the per-phase plans
-    leave the optimizer states out of step 1's forward and backward, as the measurement does)."""
-    step = [p for p in result["phases"] if p.phase != "load"]
-    return max(p.measured for p in step), max(p.planned for p in step)
-
-
-def _table(result: dict) -> list[tuple[str, str, str, str, str]]:
-    rows = [
-        (p.phase, f"{p.measured / MB:,.1f}", f"{p.planned / MB:,.1f}", f"{p.ratio:.3f}", f"{p.peak_rss / MB:,.0f}")
-        for p in result["phases"]
-    ]
-    step = [p for p in result["phases"] if p.phase != "load"]
-    measured, planned = _step_peak(result)
-    rows.append(
-        (
-            "training step (peak)",
-            f"{measured / MB:,.1f}",
-            f"{planned / MB:,.1f}",
-            f"{planned / measured:.3f}",
-            f"{max(p.peak_rss for p in step) / MB:,.0f}",
+def _phase_rows(load_measured: Measurement, records: list[dict]) -> list[PhaseRow]:
+    """The load, then each step phase at its highest over the profiled steps, with the plan of that step."""
+    load = load_measured["load"]
+    phases = [PhaseRow("load", load.peak, records[0]["plan"].phases["load"], load.peak_rss)]
+    for name in PHASES[1:]:
+        best = max(records, key=lambda r: r["measured"][name].peak)
+        phases.append(
+            PhaseRow(name, best["measured"][name].peak, best["planned"][name], best["measured"][name].peak_rss)
         )
-    )
-    return rows
-
-
-HEADER = ("phase", "measured MB", "planned MB", "planned/measured", "peak RSS MB")
-
-
-def format_table(result: dict) -> str:
-    cells = [HEADER, *_table(result)]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(HEADER))]
-    lines = [
-        "  ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(row, widths, strict=True)))
-        for row in cells
-    ]
-    return "\n".join(lines)
-
-
-def _method(device: str) -> str:
-    if device == "cuda":
-        return "torch.cuda.max_memory_allocated per phase (reset_peak_memory_stats before each)"
-    return (
-        "live CPU tensor bytes: exact count of the storages live at the start + the running sum of "
-        "torch.profiler's allocator events (profile_memory=True); peak RSS is the process high-water mark"
-    )
-
-
-def write_outputs(result: dict, out: Path) -> dict[str, Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    plan = result["plan"]
-    steps = [
-        {
-            "step": r["step"],
-            "seq_len": r["seq_len"],
-            "batch_size": r["batch_size"],
-            "label_tokens": r["label_tokens"],
-            "drift_bytes": r["measured"].drift,
-            "phases": {
-                p.name: {
-                    "measured": p.peak,
-                    "start": p.start,
-                    "end": p.end,
-                    "peak_rss": p.peak_rss,
-                    "seconds": round(p.seconds, 3),
-                    "planned": r["planned"][p.name],
-                }
-                for p in r["measured"].phases
-            },
-        }
-        for r in result["steps"]
-    ]
-    data = {
-        "device": result["device"],
-        "method": _method(result["device"]),
-        "phases": [{**asdict(p), "ratio": round(p.ratio, 4)} for p in result["phases"]],
-        "step_peak": dict(zip(("measured", "planned"), _step_peak(result), strict=True)),
-        "steps": steps,
-        "plan": json.loads(plan.to_json()),
-    }
-    paths = {"json": out / "profile.json", "md": out / "profile.md", "png": out / "profile.png"}
-    paths["json"].write_text(json.dumps(data, indent=2) + "\n")
-    md = [
-        "# Memory profile: measured vs planned",
-        "",
-        f"Device: {result['device']}. Measured: {_method(result['device'])}.",
-        f"{len(steps)} steps of one micro-batch each; the planned figure is the plan for the batch of the measured "
-        "peak (its sequence length, batch size and labelled tokens).",
-        "",
-        "| " + " | ".join(HEADER) + " |",
-        "| --- | ---: | ---: | ---: | ---: |",
-    ]
-    md += ["| " + " | ".join(row) + " |" for row in _table(result)]
-    md += ["", "## The plan (peak of the step)", "", plan.to_markdown(), ""]
-    paths["md"].write_text("\n".join(md))
-    _chart(result, paths["png"])
-    return paths
-
-
-def _chart(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    phases, plan = result["phases"], result["plan"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
-    x = range(len(phases))
-    left.bar([i - 0.2 for i in x], [p.measured / MB for p in phases], 0.4, label="measured")
-    left.bar([i + 0.2 for i in x], [p.planned / MB for p in phases], 0.4, label="planned")
-    left.set_xticks(list(x), [p.phase for p in phases])
-    left.set_ylabel("MB (peak of allocated tensors)")
-    left.set_title(f"peak memory by phase ({result['device']})")
-    left.legend()
-    bottom = 0.0
-    for row in plan.rows:
-        if row.category != "runtime" and row.bytes > 0:
-            right.bar(0, row.bytes / MB, 0.5, bottom=bottom, label=f"{row.item} {row.bytes / MB:,.1f}")
-            bottom += row.bytes / MB
-    right.set_xticks([0], ["planned step peak"])
-    right.set_ylabel("MB")
-    right.set_title(f"planner categories ({plan.peak_moment})", fontsize=9)
-    right.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def profile_main(argv: list[str] | None = None) -> int:
-    from qlora_kit.config import load_config
-
-    p = argparse.ArgumentParser(
-        prog="qlora-kit profile",
-        description="Run a few real training steps of a recipe and report measured peak memory by phase "
-        "(load, forward, backward, optimizer step) next to the planner's prediction.",
-    )
-    p.add_argument("recipe", help="YAML recipe, e.g. recipes/smollm2_alpaca.yaml")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.micro_batch_size=2 data.cutoff_len=64")
-    p.add_argument("--steps", type=int, default=3, help="optimizer steps of one micro-batch each (default 3)")
-    p.add_argument("--out", help="where profile.json/.md/.png go (default: the recipe's output.dir)")
-    args = p.parse_intermixed_args(argv)  # key=value overrides may follow options
-    if args.steps < 1:
-        p.error("--steps must be at least 1")
-    cfg = load_config(args.recipe, args.overrides)
-    result = profile_run(cfg, args.steps)
-    paths = write_outputs(result, Path(args.out or cfg.output.dir))
-    print(format_table(result))
-    print(f"wrote {', '.join(str(path) for path in paths.values())}")
-    return 0
+    return phases

@@ -1,0 +1,422 @@
+"""The plan: peak memory of one training step by category (``plan_memory``), the largest batch or sequence
+that fits (``max_fitting``), and the plan of a recipe's run with its budget check (``check_budget``,
+``model.max_memory_gb``, called by ``train`` before anything is loaded).
+
+Weights are counted exactly (the shapes of the tensors ``NF4Linear`` stores, ``facts.nf4_bytes``); the
+activations come from ``memory.activations``. Rendering (``memory.render``) and the suggestions of a plan
+that does not fit (``memory.advice``) live beside it; ``MemoryPlan``'s methods of that kind delegate there.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+from qlora_kit.errors import QloraKitError
+from qlora_kit.facts import (
+    DTYPE_BYTES,
+    DTYPE_NAMES,
+    MB,
+    OPTIMIZERS,
+    GiB,
+    auto_compute_dtype,
+    auto_optimizer,
+    nf4_bytes,
+    resolve_adapter_dtype,
+)
+from qlora_kit.memory.activations import ACTIVATION_COEFFS, Moment, layer_activation_bytes, step_moments
+from qlora_kit.memory.shapes import ModelShape, checkpoint_shape, target_linears
+
+logger = logging.getLogger(__name__)
+
+FIXED = ("LoRA parameters", "CUDA context", "process runtime")  # rows outside weights/optimizer that no
+# batch, sequence or checkpointing knob changes (MemoryPlan.fixed_bytes)
+VARIED = {"batch_size": "batch", "seq_len": "seq"}  # the knobs max_fitting searches, and their names there
+VARY_KEYS = {name: key for key, name in VARIED.items()}  # max_fitting's vary= -> the knob
+
+
+@dataclass
+class Row:
+    category: str
+    item: str
+    bytes: int
+    note: str
+
+
+@dataclass
+class Suggestion:
+    change: str
+    knob: dict  # what it changes, e.g. {"checkpointing": True}: plan_memory(**settings, **knob) replans it
+    total: int  # the plan's total with this one change
+    saves: int
+    fits: bool
+
+
+@dataclass
+class MemoryPlan:
+    model: ModelShape
+    settings: dict  # the resolved knobs: plan_memory(model, **settings) gives this plan again
+    rows: list[Row]
+    gpu_bytes: int | None = None
+    pageable_bytes: int = 0  # what a paged optimizer may move to host RAM under pressure
+    suggestions: list[Suggestion] = field(default_factory=list)
+    phases: dict[str, int] = field(default_factory=dict)  # planned peak tensor bytes by phase (see phase_bytes)
+    peak_moment: str = ""
+
+    @property
+    def total(self) -> int:
+        return sum(row.bytes for row in self.rows)
+
+    @property
+    def tensor_bytes(self) -> int:
+        """The peak of allocated tensors: what ``torch.cuda.max_memory_allocated`` (or, on CPU, the
+        profiler's count of live tensor bytes) measures; the total less the runtime rows."""
+        return sum(row.bytes for row in self.rows if row.category != "runtime")
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.gpu_bytes is None else self.total <= self.gpu_bytes
+
+    @property
+    def weight_bytes(self) -> int:
+        """The 4-bit linears and the weights kept in the compute dtype (embeddings, lm_head, norms)."""
+        return sum(row.bytes for row in self.rows if row.category == "weights")
+
+    @property
+    def fixed_bytes(self) -> int:
+        """What no batch, sequence or checkpointing setting changes: weights, LoRA parameters, optimizer
+        states and the CUDA context / process runtime."""
+        return sum(row.bytes for row in self.rows if row.category in ("weights", "optimizer") or row.item in FIXED)
+
+    # Text and JSON: the functions of memory.render and memory.advice (imported here, when called, because
+    # both modules build on this one).
+
+    def title(self) -> str:
+        from qlora_kit.memory.render import plan_title
+
+        return plan_title(self)
+
+    def verdict(self) -> str:
+        from qlora_kit.memory.render import plan_verdict
+
+        return plan_verdict(self)
+
+    def limits(self) -> str:
+        from qlora_kit.memory.advice import limits
+
+        return limits(self)
+
+    def advice(self, recipe: bool = False) -> list[str]:
+        from qlora_kit.memory.advice import advice_lines
+
+        return advice_lines(self, recipe)
+
+    def table(self, recipe: bool = False) -> str:
+        from qlora_kit.memory.render import plan_table
+
+        return plan_table(self, recipe)
+
+    def to_markdown(self) -> str:
+        from qlora_kit.memory.render import plan_markdown
+
+        return plan_markdown(self)
+
+    def to_json(self) -> str:
+        from qlora_kit.memory.render import plan_to_json
+
+        return plan_to_json(self)
+
+    @classmethod
+    def from_json(cls, text: str) -> MemoryPlan:
+        from qlora_kit.memory.render import plan_from_json
+
+        return plan_from_json(text)
+
+
+# --- adapters and optimizer states ---------------------------------------------------------------------------
+
+
+def lora_param_count(shape: ModelShape, rank: int, targets: str | list[str] | tuple[str, ...]) -> int:
+    """A: r x in plus B: out x r for every target linear in every layer."""
+    names = target_linears(targets)
+    return shape.layers * sum(rank * (o + i) for name, (o, i) in shape.linears().items() if name in names)
+
+
+def _optimizer_bytes(shape: ModelShape, rank: int, targets: tuple[str, ...], optimizer: str, a: int) -> int:
+    total = 0
+    for o, i in (shape.linears()[name] for name in targets):
+        for numel in (rank * i, o * rank):  # A, B
+            if optimizer == "adamw":  # torch AdamW: exp_avg and exp_avg_sq in the parameter's dtype
+                total += 2 * a * numel
+            elif optimizer.endswith("8bit") and numel >= 4096:  # bnb keeps tensors < 4096 values in 32 bit
+                total += 2 * numel + 2 * 4 * math.ceil(numel / 256)  # 2 uint8 states + fp32 absmax per 256
+            else:
+                total += 8 * numel  # 2 fp32 states
+    return total * shape.layers
+
+
+# --- the plan ------------------------------------------------------------------------------------------------
+
+
+def _resolved(settings: dict) -> dict:
+    """The knobs with "auto" resolved by the training run's own rules (facts), checked."""
+    device = "cuda" if settings["device"].startswith("cuda") else settings["device"]
+    compute = settings["compute_dtype"]
+    compute = auto_compute_dtype(device) if compute == "auto" else compute
+    optimizer = auto_optimizer(device) if settings["optimizer"] == "auto" else settings["optimizer"]
+    settings |= dict(device=device, compute_dtype=compute, optimizer=optimizer)
+    settings["adapter_dtype"] = resolve_adapter_dtype(settings["adapter_dtype"], compute)
+    for key, allowed in [
+        ("device", ("cuda", "cpu")),
+        ("compute_dtype", DTYPE_NAMES),
+        ("adapter_dtype", DTYPE_NAMES),
+        ("optimizer", OPTIMIZERS),
+    ]:
+        if settings[key] not in allowed:
+            raise QloraKitError(f"{key} {settings[key]!r} is not one of: {', '.join(allowed)}")
+    seq_len, batch_size, rank = settings["seq_len"], settings["batch_size"], settings["rank"]
+    if min(seq_len, batch_size, rank) < 1:
+        raise QloraKitError(f"seq_len, batch_size, rank must be >= 1 (got {seq_len}, {batch_size}, {rank})")
+    target_linears(settings["targets"])  # refuses what the planner cannot shape
+    if not isinstance(settings["targets"], str):
+        settings["targets"] = list(settings["targets"])
+    return settings
+
+
+def _weight_rows(shape: ModelShape, compute_dtype: str) -> list[Row]:
+    """Every decoder linear in NF4 (the tensors NF4Linear stores), the rest in the compute dtype."""
+    L, nf4 = shape.layers, [nf4_bytes(o, i) for o, i in shape.linears().values()]
+    note = f"{shape.quantized_params / 1e9:.2f}B params in {7 * L} decoder linears, 4 bits each"
+    embeddings = "embeddings (tied: lm_head is the same tensor)" if shape.tied else "embeddings, lm_head"
+    other = f"{embeddings}, norms{', q/k/v biases' if shape.qkv_bias else ''} in {compute_dtype}"
+    # + the rotary inv_freq and original_inv_freq buffers: head_dim/2 fp32 values each
+    other_bytes = DTYPE_BYTES[compute_dtype] * shape.non_quantized_params + 4 * shape.head_dim
+    return [
+        Row("weights", "NF4 codes", L * sum(b.codes for b in nf4), note),
+        Row("weights", "NF4 absmax", L * sum(b.absmax for b in nf4), "one uint8 absmax per block of 64 values"),
+        Row("weights", "NF4 nested stats", L * sum(b.nested for b in nf4), "fp32 scale per 256 absmax + offset"),
+        Row("weights", "non-quantized weights", int(other_bytes), other),
+    ]
+
+
+def _adapter_rows(shape: ModelShape, s: dict, n_lora: int, optimizer_bytes: int, at: Moment) -> list[Row]:
+    """LoRA parameters, their gradients as live at the peak, the optimizer's states."""
+    a, dtype, optimizer = DTYPE_BYTES[s["adapter_dtype"]], s["adapter_dtype"], s["optimizer"]
+    params = f"{n_lora / 1e6:.1f}M params: A r x in, B out x r on {len(target_linears(s['targets']))} linears x "
+    params += f"{shape.layers} layers, {dtype}"
+    grads = f"{a * n_lora / MB:,.1f} MB in all (one .grad per LoRA parameter, {dtype}); live at the peak"
+    states = "2 uint8 states + fp32 absmax per 256: ~2 B/param" if "8bit" in optimizer else "2 fp32 states: 8 B/param"
+    states = f"torch AdamW: 2 states in {dtype}" if optimizer == "adamw" else states
+    if optimizer.startswith("paged"):
+        states += "; paged: may all move to host RAM under pressure"
+    return [
+        Row("adapters", "LoRA parameters", a * n_lora, params),
+        Row("adapters", "LoRA gradients", at.gradients, f"{grads}: backward creates them as it frees activations"),
+        Row("optimizer", f"{optimizer} states", optimizer_bytes, states),
+    ]
+
+
+def _live(live: int, full: int) -> str:
+    return "" if live == full else f"; at the peak {live / MB:,.1f} of {full / MB:,.1f} MB are still live"
+
+
+def _activation_rows(shape: ModelShape, s: dict, moments: dict[str, Moment], peak: str) -> list[Row]:
+    """The activations kept for backward, as many as are still live at the peak, and the peak's transient."""
+    at, c, L = moments[peak], DTYPE_BYTES[s["compute_dtype"]], shape.layers
+    tokens = s["batch_size"] * s["seq_len"]
+    if s["checkpointing"]:  # non-reentrant per-layer checkpointing keeps each layer's input, recomputes the rest
+        note = f"{L} layers x b*s*hidden in {s['compute_dtype']}"
+        note += _live(at.activations, L * tokens * shape.hidden * c)
+        rows = [Row("activations", "checkpointed layer inputs", int(at.activations), note)]
+    else:
+        knobs = dict(c=c, a=DTYPE_BYTES[s["adapter_dtype"]], rank=s["rank"], targets=target_linears(s["targets"]))
+        terms = layer_activation_bytes(shape, **knobs, dropout=s["lora_dropout"], device=s["device"])
+        detail = ", ".join(f"{name} {b * tokens / MB:,.1f}" for name, b in terms.items())
+        note = f"{L} layers x ({detail}) MB, less what layer 0 keeps not (its input needs no grad)"
+        note += _live(at.activations, moments["forward"].activations)
+        rows = [Row("activations", "saved activations", int(at.activations), note)]
+    note = (
+        "chunked loss: the grad of the labelled tokens' hidden states (computed in forward), the final norm's "
+        "fp32 input, rope cos/sin (logits exist one chunk at a time: transient)"
+    )
+    note += _live(at.loss_kept, moments["forward"].loss_kept)
+    rows.append(Row("activations", "logits + loss", int(at.loss_kept), note))
+    # each moment's gradients + activations + loss + transient (the peak's is the sum of those rows above)
+    others = ", ".join(f"{m} {moments[m].total / MB:,.1f}" for m in moments if m != peak)
+    note = f"peak in {peak}: {at.transient_what}; beyond weights, adapters and optimizer states it holds "
+    note += f"{at.total / MB:,.1f} MB, the other moments less ({others} MB)"
+    return [*rows, Row("transient", "largest transient", int(at.transient), note)]
+
+
+def _runtime_rows(rows: list[Row], device: str) -> list[Row]:
+    """Allocator slack (fragmentation hits what is allocated and freed every step: gradients, activations,
+    transients) and the runtime's own memory."""
+    k = ACTIVATION_COEFFS
+    dynamic = sum(r.bytes for r in rows if r.category in ("activations", "transient") or "gradients" in r.item)
+    note = f"assumed {k['allocator_slack']:.0%} of gradients + activations + transient (fragmentation)"
+    slack = Row("runtime", "allocator slack", int(k["allocator_slack"] * dynamic), note)
+    if device == "cuda":
+        runtime = Row(
+            "runtime", "CUDA context", int(k["cuda_context_bytes"]), "assumed: CUDA context + cuBLAS workspace"
+        )
+    else:
+        runtime = Row(
+            "runtime", "process runtime", int(k["cpu_runtime_bytes"]), "assumed: Python + torch + libraries (RSS)"
+        )
+    return [slack, runtime]
+
+
+def plan_memory(
+    shape: ModelShape,
+    *,
+    seq_len: int = 512,
+    batch_size: int = 1,
+    rank: int = 64,
+    targets: str | list[str] = "all-linear",
+    optimizer: str = "auto",
+    checkpointing: bool = True,
+    compute_dtype: str = "auto",
+    adapter_dtype: str = "auto",
+    lora_dropout: float = 0.05,
+    device: str = "cuda",
+    grad_accumulation: int = 1,
+    label_tokens: int | None = None,
+    gpu_bytes: int | None = None,
+    suggest: bool = True,
+) -> MemoryPlan:
+    """Peak memory of one training step of our stack, by category (formulas: docs/memory.md).
+
+    ``label_tokens``: labelled positions per micro-batch (the loss computes logits for those only); default
+    ``batch_size * (seq_len - 1)``, every next-token position. ``grad_accumulation`` > 1 keeps the previous
+    micro-batches' gradients live through the next forward and backward.
+    """
+    s = dict(seq_len=seq_len, batch_size=batch_size, rank=rank, targets=targets, optimizer=optimizer)
+    s |= dict(checkpointing=checkpointing, compute_dtype=compute_dtype, adapter_dtype=adapter_dtype)
+    s |= dict(lora_dropout=lora_dropout, device=device, grad_accumulation=grad_accumulation)
+    s = _resolved(s | dict(label_tokens=label_tokens))
+    names, a = target_linears(s["targets"]), DTYPE_BYTES[s["adapter_dtype"]]
+    n_lora = lora_param_count(shape, rank, names)
+    opt = _optimizer_bytes(shape, rank, names, s["optimizer"], a)
+    moments = step_moments(shape, s, n_lora=n_lora)
+    peak = max(moments, key=lambda m: moments[m].total)
+    rows = _weight_rows(shape, s["compute_dtype"]) + _adapter_rows(shape, s, n_lora, opt, moments[peak])
+    rows += _activation_rows(shape, s, moments, peak)
+    rows += _runtime_rows(rows, s["device"])
+
+    plan = MemoryPlan(shape, s, rows, gpu_bytes, opt if s["optimizer"].startswith("paged") else 0)
+    plan.peak_moment = peak
+    plan.phases = phase_bytes(plan, moments)
+    if suggest and plan.fits is False:
+        from qlora_kit.memory.advice import suggestions  # advice replans with plan_memory
+
+        plan.suggestions = suggestions(plan)
+    return plan
+
+
+def phase_bytes(plan: MemoryPlan, moments: dict[str, Moment]) -> dict[str, int]:
+    """Planned peak tensor bytes of each phase ``qlora-kit profile`` measures (no runtime rows).
+
+    load: the weights and the adapters. The loader's working set (one source tensor, read into a host
+    buffer, and its quantizer's slice temporaries) is not planned: bench/load_memory.py measures it. The
+    step's phases: weights + adapters + optimizer states (allocated by the first optimizer step, live from
+    then on) + the phase's largest moment.
+    """
+    by_item = {row.item: row.bytes for row in plan.rows}
+    weights = sum(row.bytes for row in plan.rows if row.category == "weights") + by_item["LoRA parameters"]
+    fixed = weights + next(row.bytes for row in plan.rows if row.category == "optimizer")
+    backward = ("loss backward", "backward of the last layer", "backward of the first layer")
+    return {
+        "load": weights,
+        "forward": fixed + moments["forward"].total,
+        "backward": fixed + max(moments[m].total for m in backward),
+        "optimizer step": fixed + moments["optimizer step"].total,
+    }
+
+
+def max_fitting(shape: ModelShape, gpu_bytes: int, vary: str = "batch", **knobs) -> int:
+    """The largest batch size (or sequence length) whose plan fits in ``gpu_bytes``; 0 if even 1 does not."""
+    key = VARY_KEYS[vary]
+    knobs = {name: value for name, value in knobs.items() if name not in (key, "gpu_bytes", "suggest")}
+
+    def fits(n: int) -> bool:
+        return plan_memory(shape, **knobs, **{key: n}, suggest=False).total <= gpu_bytes
+
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2
+    while hi <= 2**24 and fits(hi):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:  # fits(lo), not fits(hi)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+# --- the budget of a training run (model.max_memory_gb) ------------------------------------------------------
+
+
+def largest_micro_batch(cfg, data) -> tuple[int, int, int]:
+    """(rows, width, labelled positions) that bound every training micro-batch of the run.
+
+    ``train.micro_batch_size`` rows (fewer when there are fewer examples) as wide as the longest example,
+    or as the packing block (``data.cutoff_len``); the labelled positions are those of the examples with
+    the most labels, at most ``rows x (width - 1)`` (the loss predicts each token from the one before).
+    """
+    from qlora_kit.data import trainable_tokens
+
+    rows = min(cfg.train.micro_batch_size, len(data.train))
+    width = cfg.data.cutoff_len if cfg.data.packing else data.stats.max_length
+    labelled = rows * (width - 1)
+    if not cfg.data.packing:  # one example per row
+        labelled = min(labelled, sum(sorted((trainable_tokens(e) for e in data.train), reverse=True)[:rows]))
+    return rows, width, labelled
+
+
+def plan_run(cfg, data, gpu_bytes: int | None = None) -> MemoryPlan:
+    """The plan of a recipe's largest micro-batch, from the checkpoint's ``config.json`` alone."""
+    from qlora_kit.loading import DTYPES
+    from qlora_kit.train import resolve_run_dtypes
+
+    device, dtype, adapter_dtype = resolve_run_dtypes(cfg)
+    names = {value: name for name, value in DTYPES.items()}
+    rows, width, labelled = largest_micro_batch(cfg, data)
+    knobs = dict(rank=cfg.lora.r, targets=cfg.lora.targets, optimizer=cfg.train.optimizer, device=device.type)
+    knobs |= dict(checkpointing=cfg.model.gradient_checkpointing, lora_dropout=cfg.lora.dropout)
+    knobs |= dict(compute_dtype=names[dtype], adapter_dtype=names[adapter_dtype])
+    knobs |= dict(grad_accumulation=cfg.train.gradient_accumulation_steps)
+    shape = checkpoint_shape(cfg.model.name_or_path)
+    return plan_memory(shape, seq_len=width, batch_size=rows, label_tokens=labelled, **knobs, gpu_bytes=gpu_bytes)
+
+
+def check_budget(cfg, data) -> MemoryPlan | None:
+    """Refuse a run whose planned peak exceeds ``model.max_memory_gb`` (GiB), before anything is loaded.
+
+    The error holds the plan's table, its verdict and the changes that fit, as ``qlora-kit train``
+    overrides. Nothing is checked (None) without a budget.
+    """
+    from qlora_kit.train import resolve_run_dtypes
+
+    budget = cfg.model.max_memory_gb
+    if budget is None:
+        return None
+    resolve_run_dtypes(cfg)  # its errors (device=cuda without a GPU) are the recipe's, not the planner's
+    try:
+        plan = plan_run(cfg, data, gpu_bytes=int(budget * GiB))
+    except QloraKitError as e:
+        raise QloraKitError(
+            f"model.max_memory_gb = {budget:g}: the memory planner cannot plan this run ({e}); "
+            "set model.max_memory_gb=null to train without the check"
+        ) from None
+    s = plan.settings
+    batch = f"{s['batch_size']} x {s['seq_len']} tokens, {s['label_tokens']:,} labelled"
+    if plan.fits:
+        logger.info(
+            "memory plan: %.2f GiB of the %g GiB budget (largest micro-batch %s)", plan.total / GiB, budget, batch
+        )
+        return plan
+    raise QloraKitError(
+        f"model.max_memory_gb = {budget:g} GiB: this run does not fit; nothing was loaded or written. The plan of "
+        f"its largest micro-batch ({batch}):\n{plan.table(recipe=True)}\n"
+        "Apply a change with its override [in brackets], or raise model.max_memory_gb (null: no check)."
+    )

@@ -1,0 +1,227 @@
+"""Rendering: a plan as a text table, markdown or JSON (and back), and a measured profile (``qlora-kit
+profile``) as a table, ``profile.json``, ``profile.md`` and ``profile.png``.
+
+Figures are decimal MB (10^6 bytes) and GiB, and say which.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from qlora_kit.facts import MB, GiB
+from qlora_kit.memory.plan import MemoryPlan, Row, Suggestion
+from qlora_kit.memory.shapes import ModelShape
+
+# --- sizes -------------------------------------------------------------------------------------------------
+
+
+def gb_text(nbytes: float) -> str:
+    """Decimal GB (or MB, under 1 GB) and GiB: ``34.5 GB (32.09 GiB)``."""
+    decimal = f"{nbytes / 1e9:,.1f} GB" if nbytes >= 1e9 else f"{nbytes / MB:,.1f} MB"
+    return f"{decimal} ({nbytes / GiB:.2f} GiB)"
+
+
+def gib_text(nbytes: int) -> str:
+    """A budget in GiB as it was written: budgets are int(GiB x value), within a byte of the value."""
+    return f"{round(nbytes / GiB, 6):g}"
+
+
+# --- a plan --------------------------------------------------------------------------------------------------
+
+
+def plan_title(plan: MemoryPlan) -> str:
+    s = plan.settings
+    return (
+        f"{plan.model.name}: seq {s['seq_len']} x batch {s['batch_size']}, LoRA r={s['rank']} on "
+        f"{s['targets']}, {s['optimizer']}, checkpointing {'on' if s['checkpointing'] else 'off'}, "
+        f"{s['compute_dtype']} on {s['device']}"
+    )
+
+
+def plan_verdict(plan: MemoryPlan) -> str:
+    text = f"total {plan.total / MB:,.0f} MB ({plan.total / GiB:.2f} GiB)"
+    if plan.gpu_bytes is None:
+        return text
+    budget, margin = f"{gib_text(plan.gpu_bytes)} GiB", abs(plan.gpu_bytes - plan.total) / MB
+    if plan.fits:
+        return f"{text}: fits in {budget} with {margin:,.0f} MB to spare"
+    text += f": does NOT fit in {budget} (over by {margin:,.0f} MB)"
+    if plan.pageable_bytes and plan.total - plan.pageable_bytes <= plan.gpu_bytes:
+        text += "; it would run, slower, with the paged optimizer's states moved to host RAM"
+    return text
+
+
+def _cells(plan: MemoryPlan) -> list[tuple[str, str, str, str]]:
+    rows = [(r.category, r.item, f"{r.bytes / MB:,.1f}", r.note) for r in plan.rows]
+    return [*rows, ("total", "", f"{plan.total / MB:,.1f}", f"{plan.total / GiB:.2f} GiB")]
+
+
+def plan_table(plan: MemoryPlan, recipe: bool = False) -> str:
+    """Title, one line per row (MB), the verdict and, when it does not fit, the advice (``recipe``: with
+    each change as a ``qlora-kit train`` override)."""
+    cells = _cells(plan)
+    w = [max(len(row[i]) for row in cells) for i in range(3)]
+    out = [plan_title(plan), f"{'category':<{w[0]}}  {'item':<{w[1]}}  {'MB':>{w[2]}}  explanation"]
+    out += [f"{c:<{w[0]}}  {i:<{w[1]}}  {b:>{w[2]}}  {n}" for c, i, b, n in cells]
+    return "\n".join([*out, plan_verdict(plan), *plan.advice(recipe)])
+
+
+def plan_markdown(plan: MemoryPlan) -> str:
+    out = [
+        f"**{plan_title(plan)}**",
+        "",
+        "| category | item | MB | explanation |",
+        "| --- | --- | ---: | --- |",
+    ]
+    out += [f"| {c} | {i} | {b} | {n} |" for c, i, b, n in _cells(plan)]
+    advice = [line if line.startswith("  - ") else f"- {line}" for line in plan.advice()]
+    return "\n".join([*out, "", plan_verdict(plan), *advice])
+
+
+def plan_to_json(plan: MemoryPlan) -> str:
+    extra = {"total": plan.total, "fits": plan.fits, "fixed_bytes": plan.fixed_bytes}
+    return json.dumps({**asdict(plan), **extra}, indent=2)
+
+
+def plan_from_json(text: str) -> MemoryPlan:
+    d = json.loads(text)
+    rows, suggestions = [Row(**r) for r in d["rows"]], [Suggestion(**s) for s in d["suggestions"]]
+    plan = MemoryPlan(ModelShape(**d["model"]), d["settings"], rows, d["gpu_bytes"], d["pageable_bytes"], suggestions)
+    plan.phases, plan.peak_moment = d["phases"], d["peak_moment"]
+    return plan
+
+
+# --- a measured profile (memory.profile.profile_run's result) ---------------------------------------------------
+
+HEADER = ("phase", "measured MB", "planned MB", "planned/measured", "peak RSS MB")
+
+
+def _step_peak(result: dict) -> tuple[int, int]:
+    """Measured and planned peak of the training step: the highest phase of each (the per-phase plans
+    leave the optimizer states out of step 1's forward and backward, as the measurement does)."""
+    step = [p for p in result["phases"] if p.phase != "load"]
+    return max(p.measured for p in step), max(p.planned for p in step)
+
+
+def _table(result: dict) -> list[tuple[str, str, str, str, str]]:
+    rows = [
+        (p.phase, f"{p.measured / MB:,.1f}", f"{p.planned / MB:,.1f}", f"{p.ratio:.3f}", f"{p.peak_rss / MB:,.0f}")
+        for p in result["phases"]
+    ]
+    step = [p for p in result["phases"] if p.phase != "load"]
+    measured, planned = _step_peak(result)
+    rows.append(
+        (
+            "training step (peak)",
+            f"{measured / MB:,.1f}",
+            f"{planned / MB:,.1f}",
+            f"{planned / measured:.3f}",
+            f"{max(p.peak_rss for p in step) / MB:,.0f}",
+        )
+    )
+    return rows
+
+
+def format_table(result: dict) -> str:
+    cells = [HEADER, *_table(result)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(HEADER))]
+    lines = [
+        "  ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+        for row in cells
+    ]
+    return "\n".join(lines)
+
+
+def _method(device: str) -> str:
+    if device == "cuda":
+        return "torch.cuda.max_memory_allocated per phase (reset_peak_memory_stats before each)"
+    return (
+        "live CPU tensor bytes: exact count of the storages live at the start + the running sum of "
+        "torch.profiler's allocator events (profile_memory=True); peak RSS is the process high-water mark"
+    )
+
+
+def _steps_json(result: dict) -> list[dict]:
+    return [
+        {
+            "step": r["step"],
+            "seq_len": r["seq_len"],
+            "batch_size": r["batch_size"],
+            "label_tokens": r["label_tokens"],
+            "drift_bytes": r["measured"].drift,
+            "phases": {
+                p.name: {
+                    "measured": p.peak,
+                    "start": p.start,
+                    "end": p.end,
+                    "peak_rss": p.peak_rss,
+                    "seconds": round(p.seconds, 3),
+                    "planned": r["planned"][p.name],
+                }
+                for p in r["measured"].phases
+            },
+        }
+        for r in result["steps"]
+    ]
+
+
+def write_outputs(result: dict, out: Path) -> dict[str, Path]:
+    """``profile.json``, ``profile.md`` and ``profile.png`` in ``out``; their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    plan, steps = result["plan"], _steps_json(result)
+    data = {
+        "device": result["device"],
+        "method": _method(result["device"]),
+        "phases": [{**asdict(p), "ratio": round(p.ratio, 4)} for p in result["phases"]],
+        "step_peak": dict(zip(("measured", "planned"), _step_peak(result), strict=True)),
+        "steps": steps,
+        "plan": json.loads(plan.to_json()),
+    }
+    paths = {"json": out / "profile.json", "md": out / "profile.md", "png": out / "profile.png"}
+    paths["json"].write_text(json.dumps(data, indent=2) + "\n")
+    md = [
+        "# Memory profile: measured vs planned",
+        "",
+        f"Device: {result['device']}. Measured: {_method(result['device'])}.",
+        f"{len(steps)} steps of one micro-batch each; the planned figure is the plan for the batch of the measured "
+        "peak (its sequence length, batch size and labelled tokens).",
+        "",
+        "| " + " | ".join(HEADER) + " |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    md += ["| " + " | ".join(row) + " |" for row in _table(result)]
+    md += ["", "## The plan (peak of the step)", "", plan.to_markdown(), ""]
+    paths["md"].write_text("\n".join(md))
+    _chart(result, paths["png"])
+    return paths
+
+
+def _chart(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    phases, plan = result["phases"], result["plan"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    x = range(len(phases))
+    left.bar([i - 0.2 for i in x], [p.measured / MB for p in phases], 0.4, label="measured")
+    left.bar([i + 0.2 for i in x], [p.planned / MB for p in phases], 0.4, label="planned")
+    left.set_xticks(list(x), [p.phase for p in phases])
+    left.set_ylabel("MB (peak of allocated tensors)")
+    left.set_title(f"peak memory by phase ({result['device']})")
+    left.legend()
+    bottom = 0.0
+    for row in plan.rows:
+        if row.category != "runtime" and row.bytes > 0:
+            right.bar(0, row.bytes / MB, 0.5, bottom=bottom, label=f"{row.item} {row.bytes / MB:,.1f}")
+            bottom += row.bytes / MB
+    right.set_xticks([0], ["planned step peak"])
+    right.set_ylabel("MB")
+    right.set_title(f"planner categories ({plan.peak_moment})", fontsize=9)
+    right.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
