@@ -5,7 +5,8 @@
 
 Both stacks train the same model on the same batch with the same settings:
 
-  ours       ``load_model`` (streaming NF4 + double quant) -> ``add_lora`` -> ``loss.causal_lm_loss``
+  ours       ``load_model`` (streaming NF4 + double quant) -> ``add_lora`` -> ``train.train_step`` (the
+             training loop's own step: ``loss.causal_lm_loss``, backward, clip, optimizer + schedule step)
   reference  ``AutoModelForCausalLM.from_pretrained(quantization_config=BitsAndBytesConfig(load_in_4bit,
              nf4, double quant, compute dtype))`` -> ``peft.get_peft_model(LoraConfig)`` -> ``model(**batch,
              labels=...).loss``
@@ -160,25 +161,31 @@ def random_batch(vocab: int, rows: int, seq: int) -> dict[str, Any]:
 
 
 def build_ours(model_dir: str, device, dtype, checkpointing: bool):
+    """Our stack, stepped by the training loop's own ``train.train_step`` (the step ``qlora-kit train`` runs)."""
+    import torch
+
     from qlora_kit.loading import load_model
     from qlora_kit.lora import add_lora
+    from qlora_kit.train import TrainState, train_step
 
     model = load_model(model_dir, device=device, dtype=dtype)
     add_lora(model, LORA["targets"], LORA["r"], LORA["alpha"], LORA["dropout"], dtype=dtype)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE)
+    constant = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    state = TrainState(model=model, params=params, optimizer=optimizer, scheduler=constant, max_grad_norm=MAX_GRAD_NORM)
 
-    def loss_fn(batch):
-        from qlora_kit.loss import causal_lm_loss
+    def step(batch) -> float:
+        return train_step(state, [batch]).loss
 
-        loss_sum, n = causal_lm_loss(model, batch)
-        return loss_sum / max(n, 1)
-
-    return model, loss_fn
+    return params, step
 
 
 def build_reference(model_dir: str, device, dtype, checkpointing: bool):
+    import torch
     from peft import LoraConfig, get_peft_model
 
     model = load_reference_nf4(model_dir, dtype, device_map={"": str(device)})
@@ -200,10 +207,18 @@ def build_reference(model_dir: str, device, dtype, checkpointing: bool):
             param.data = param.data.to(dtype)
     model.train()
 
-    def loss_fn(batch):
-        return model(**batch).loss
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE)
 
-    return model, loss_fn
+    def step(batch) -> float:  # what a transformers + peft training loop does for one micro-batch
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return params, step
 
 
 def allocator_peak_during(fn) -> int:
@@ -244,9 +259,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     build = build_ours if args.worker == "ours" else build_reference
     torch.manual_seed(0)
-    model, loss_fn = build(args.model_dir, device, dtype, checkpointing)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE)
+    params, step_fn = build(args.model_dir, device, dtype, checkpointing)
     load_s = time.perf_counter() - started
     gc.collect()
     load_peak_rss = vm_hwm()
@@ -260,12 +273,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     losses: list[float] = []
 
     def step() -> None:
-        loss = loss_fn(batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(step_fn(batch))
 
     times = []
     for i in range(args.warmup + args.steps):

@@ -51,7 +51,7 @@ Phase = Callable[[str], contextlib.AbstractContextManager]  # marks a phase of a
 # --- setup -----------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunInputs:
     """What a run needs before its weights are loaded."""
 
@@ -74,17 +74,24 @@ class RunInputs:
         return done and (self.out / "adapter").is_dir()
 
 
-@dataclass
-class Run(RunInputs):
-    """A run ready to fit: its inputs plus the model, optimizer and schedule, at ``step``."""
+@dataclass(kw_only=True)
+class TrainState:
+    """What ``train_step`` acts on: the model, its trainable parameters, optimizer and schedule, the step."""
 
-    model: nn.Module = None  # type: ignore[assignment]
-    lora_report: LoRAReport = field(default_factory=LoRAReport)
-    params: list[nn.Parameter] = field(default_factory=list)
-    optimizer: torch.optim.Optimizer = None  # type: ignore[assignment]
-    scheduler: torch.optim.lr_scheduler.LambdaLR = None  # type: ignore[assignment]
-    log: RunLog = None  # type: ignore[assignment]
+    model: nn.Module
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    max_grad_norm: float  # 0: no clipping
     step: int = 0
+
+
+@dataclass(kw_only=True)
+class Run(RunInputs, TrainState):
+    """A run ready to fit: its inputs and its training state, plus its metrics log."""
+
+    lora_report: LoRAReport
+    log: RunLog
     eval_loss_start: float | None = None
 
 
@@ -121,7 +128,19 @@ def prepare(cfg: RunConfig) -> RunInputs:
     data = prepare_data(cfg.data, tokenizer)
     batches = make_batch_plan(cfg, data)
     steps = total_steps(cfg.train, len(batches))
-    return RunInputs(cfg, out, device, dtype, adapter_dtype, tokenizer, data, batches, steps, resume_from, started)
+    return RunInputs(
+        cfg=cfg,
+        out=out,
+        device=device,
+        dtype=dtype,
+        adapter_dtype=adapter_dtype,
+        tokenizer=tokenizer,
+        data=data,
+        batches=batches,
+        total_steps=steps,
+        resume_from=resume_from,
+        started=started,
+    )
 
 
 def load_lora_model(
@@ -145,9 +164,16 @@ def setup(inputs: RunInputs) -> Run:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg.train.optimizer, params, cfg.train, inputs.device)
     scheduler = make_scheduler(optimizer, cfg.train, inputs.total_steps)
-    log = RunLog(inputs.out, cfg.output.tensorboard)
-    run = Run(**vars(inputs), model=model, lora_report=report, params=params, optimizer=optimizer, scheduler=scheduler)
-    run.log = log
+    run = Run(
+        **vars(inputs),
+        model=model,
+        params=params,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        max_grad_norm=cfg.train.max_grad_norm,
+        lora_report=report,
+        log=RunLog(inputs.out, cfg.output.tensorboard),
+    )
     if inputs.resume_from is not None:
         state = load_checkpoint(inputs.resume_from.path, model)
         optimizer.load_state_dict(state["optimizer"])
@@ -175,8 +201,8 @@ def _no_phase(name: str) -> Iterator[None]:
     yield
 
 
-def train_step(run: Run, micro_batches: list[dict[str, torch.Tensor]], phase: Phase = _no_phase) -> StepStats:
-    """One optimizer step over ``micro_batches`` (on the run's device): the token-weighted loss of all of them.
+def train_step(run: TrainState, micro_batches: list[dict[str, torch.Tensor]], phase: Phase = _no_phase) -> StepStats:
+    """One optimizer step over ``micro_batches`` (on the model's device): the token-weighted loss of all of them.
 
     Every labelled token of the step counts the same however it was batched: each micro-batch's summed
     loss is divided by the step's total label count before backward, so the accumulated gradient is the
@@ -187,9 +213,12 @@ def train_step(run: Run, micro_batches: list[dict[str, torch.Tensor]], phase: Ph
     for batch in micro_batches:
         with phase("forward"):
             loss_sum, _ = causal_lm_loss(run.model, batch)
+        loss_total += loss_sum.item()
         with phase("backward"):
             (loss_sum / n_labels).backward()
-        loss_total += loss_sum.item()
+        # The loss holds the graph, and through it what checkpointing saved: let it go before the next micro-batch
+        # and the optimizer step (measured: 1.06 MB of 6.4 MB in a tiny model's optimizer step with checkpointing).
+        del loss_sum
         tokens += int(batch["input_ids"].numel())
     loss = loss_total / n_labels
     if not torch.isfinite(torch.tensor(loss)):
@@ -200,7 +229,7 @@ def train_step(run: Run, micro_batches: list[dict[str, torch.Tensor]], phase: Ph
         )
     lr = run.scheduler.get_last_lr()[0]
     with phase("optimizer step"):
-        max_norm = run.cfg.train.max_grad_norm
+        max_norm = run.max_grad_norm
         grad_norm = torch.nn.utils.clip_grad_norm_(run.params, max_norm).item() if max_norm > 0 else None
         run.optimizer.step()
         run.scheduler.step()

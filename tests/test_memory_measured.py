@@ -15,15 +15,15 @@ from qlora_kit.config import TrainConfig
 from qlora_kit.facts import MB
 from qlora_kit.loading import load_model
 from qlora_kit.lora import add_lora
-from qlora_kit.loss import causal_lm_loss
 from qlora_kit.memory import (
+    PhaseRecorder,
     live_tensor_bytes,
     measure_phases,
-    measure_training_step,
     plan_memory,
     shape_from_config,
 )
-from qlora_kit.optim import make_optimizer
+from qlora_kit.optim import make_optimizer, make_scheduler
+from qlora_kit.train import TrainState, train_step
 from tests.conftest import gpu, save_tiny_checkpoint
 
 RANK, DROPOUT = 16, 0.05
@@ -89,20 +89,25 @@ def _step_peak(model, *, batch: int, seq: int, checkpointing: bool, device: str 
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer("adamw", params, TrainConfig(), torch.device(device))
+    state = TrainState(
+        model=model,
+        params=params,
+        optimizer=optimizer,
+        scheduler=make_scheduler(optimizer, TrainConfig(), 2),
+        max_grad_norm=0.3,
+    )
     generator = torch.Generator().manual_seed(0)
     for step in range(2):
         ids = torch.randint(3, model.config.vocab_size, (batch, seq), generator=generator).to(device)
         data = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
         if step == 0:  # unmeasured: it creates the optimizer states
-            loss, n = causal_lm_loss(model, data)
-            (loss / n).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            del loss
-        else:
-            measured = measure_training_step(model, data, optimizer, max_grad_norm=0.3)
+            train_step(state, [data])
+        else:  # the training loop's own step, its phases marked
+            with PhaseRecorder(device) as recorder:
+                train_step(state, [data], phase=recorder.phase)
+            measured = recorder.measurement
         del ids, data
-    del optimizer
+    del optimizer, state
     dtype = {torch.float32: "fp32", torch.bfloat16: "bf16"}[model.dtype]
     plan = plan_memory(
         shape_from_config(model.config, "measured"),

@@ -54,7 +54,7 @@ _PROFILE_NAMES = (
     "PhaseRow",
     "live_tensor_bytes",
     "measure_phases",
-    "measure_training_step",
+    "PhaseRecorder",
     "peak_rss_bytes",
     "profile_run",
 )

@@ -90,25 +90,93 @@ def measure_phases(
     phases: Sequence[tuple[str, Callable[[], object]]], device: str | torch.device = "cpu"
 ) -> Measurement:
     """Run ``phases`` (name, callable) in order and measure each one's peak of live tensor bytes."""
-    device = torch.device(device).type
-    if device == "cuda":
-        return _measure_cuda(phases)
-    return _measure_cpu(phases)
+    with PhaseRecorder(device) as recorder:
+        for name, fn in phases:
+            with recorder.phase(name):
+                fn()
+    return recorder.measurement
 
 
-def _measure_cuda(phases: Sequence[tuple[str, Callable[[], object]]]) -> Measurement:
-    result = Measurement("cuda")
-    for name, fn in phases:
+class PhaseRecorder:
+    """Measures the named phases of the code run inside it::
+
+        with PhaseRecorder(device) as recorder:
+            train_step(state, batches, phase=recorder.phase)
+        recorder.measurement["backward"].peak
+
+    The code measured is the real code, unchanged: it only marks its phases (``train.train_step`` does).
+    """
+
+    def __init__(self, device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device).type
+        self.measurement = Measurement(self.device)
+        self._names: list[tuple[str, str, float, int]] = []  # (phase, marker, seconds, peak RSS), CPU only
+        self._profiler = None
+        self._start = 0
+
+    def __enter__(self) -> PhaseRecorder:
+        if self.device == "cpu":
+            from torch.profiler import ProfilerActivity, profile
+
+            gc.collect()
+            self._start = live_tensor_bytes()
+            self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            with _stderr_silenced():
+                self._profiler.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._profiler is None:
+            return
+        with _stderr_silenced():
+            self._profiler.stop()
+        if exc[0] is None:
+            self._count_cpu_events()
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        if self.device == "cuda":
+            with self._cuda_phase(name):
+                yield
+            return
+        from torch.profiler import record_function
+
+        marker = f"phase: {name} #{len(self._names)}"  # a phase may recur (one forward per micro-batch)
+        began = time.perf_counter()
+        with record_function(marker):
+            yield
+        self._names.append((name, marker, time.perf_counter() - began, peak_rss_bytes()))
+
+    @contextlib.contextmanager
+    def _cuda_phase(self, name: str) -> Iterator[None]:
         torch.cuda.synchronize()
         start = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         began = time.perf_counter()
-        fn()
+        yield
         torch.cuda.synchronize()
         seconds = time.perf_counter() - began
         peak, end = torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated()
-        result.phases.append(PhaseMemory(name, peak, start, end, peak_rss_bytes(), seconds))
-    return result
+        self.measurement.phases.append(PhaseMemory(name, peak, start, end, peak_rss_bytes(), seconds))
+
+    def _count_cpu_events(self) -> None:
+        """Replay the allocator's events from the starting bytes: each phase's peak, and the drift check."""
+        events, markers = _memory_events(self._profiler)
+        level, i = self._start, 0
+        for name, marker, seconds, rss in self._names:
+            begin, end = markers[marker]
+            while i < len(events) and events[i][0] < begin:  # between phases (the caller's own bookkeeping)
+                level += events[i][1]
+                i += 1
+            phase_start = peak = level
+            while i < len(events) and events[i][0] <= end:
+                level += events[i][1]
+                peak = max(peak, level)
+                i += 1
+            self.measurement.phases.append(PhaseMemory(name, peak, phase_start, level, rss, seconds))
+        level += sum(n for _, n in events[i:])
+        gc.collect()
+        self.measurement.drift = live_tensor_bytes() - level
 
 
 def _memory_events(prof) -> tuple[list[tuple[int, int]], dict[str, tuple[int, int]]]:
@@ -119,44 +187,6 @@ def _memory_events(prof) -> tuple[list[tuple[int, int]], dict[str, tuple[int, in
     )
     markers = {e.name(): (e.start_ns(), e.end_ns()) for e in events if e.name().startswith("phase: ")}
     return memory, markers
-
-
-def _measure_cpu(phases: Sequence[tuple[str, Callable[[], object]]]) -> Measurement:
-    from torch.profiler import ProfilerActivity, profile, record_function
-
-    gc.collect()
-    start = live_tensor_bytes()
-    timings, rss = {}, {}
-    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-    with _stderr_silenced():
-        prof.start()
-    try:
-        for name, fn in phases:
-            began = time.perf_counter()
-            with record_function(f"phase: {name}"):
-                fn()
-            timings[name], rss[name] = time.perf_counter() - began, peak_rss_bytes()
-    finally:
-        with _stderr_silenced():
-            prof.stop()
-    events, markers = _memory_events(prof)
-    result = Measurement("cpu")
-    level, i = start, 0
-    for name, _ in phases:
-        begin, end = markers[f"phase: {name}"]
-        while i < len(events) and events[i][0] < begin:  # between phases (the loop's own bookkeeping)
-            level += events[i][1]
-            i += 1
-        phase_start = peak = level
-        while i < len(events) and events[i][0] <= end:
-            level += events[i][1]
-            peak = max(peak, level)
-            i += 1
-        result.phases.append(PhaseMemory(name, peak, phase_start, level, rss[name], timings[name]))
-    level += sum(n for _, n in events[i:])
-    gc.collect()
-    result.drift = live_tensor_bytes() - level
-    return result
 
 
 @contextlib.contextmanager
@@ -178,34 +208,6 @@ def _stderr_silenced() -> Iterator[None]:
         os.close(saved)
 
 
-def measure_training_step(
-    model: torch.nn.Module,
-    batch: dict[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer,
-    max_grad_norm: float = 0.0,
-) -> Measurement:
-    """One micro-batch step of ``train.train`` (loss, backward, clip, optimizer step, zero grads), measured."""
-    from qlora_kit.loss import causal_lm_loss
-
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    state: dict[str, object] = {}
-
-    def forward() -> None:
-        state["loss"], state["n"] = causal_lm_loss(model, batch)
-
-    def backward() -> None:
-        (state.pop("loss") / max(state["n"], 1)).backward()
-
-    def optimizer_step() -> None:
-        if max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    device = next(iter(batch.values())).device
-    return measure_phases([("forward", forward), ("backward", backward), ("optimizer step", optimizer_step)], device)
-
-
 # --- qlora-kit profile ---------------------------------------------------------------------------------------
 
 
@@ -222,41 +224,45 @@ class PhaseRow:
 
 
 def profile_run(cfg, steps: int = 3) -> dict:
-    """Load the recipe's model, run ``steps`` real optimizer steps (one micro-batch each), measure by phase."""
-    from qlora_kit.data import IGNORE_INDEX, prepare_data
-    from qlora_kit.loading import DTYPES, load_tokenizer
+    """Load the recipe's model, run ``steps`` real optimizer steps (one micro-batch each) through the training
+    loop's own ``train_step``, and measure each phase beside the plan of the batch it ran."""
+    from qlora_kit.loading import dtype_name
+    from qlora_kit.loss import label_count
     from qlora_kit.memory.plan import plan_memory
     from qlora_kit.memory.shapes import shape_from_config
-    from qlora_kit.optim import make_optimizer
-    from qlora_kit.train import load_lora_model, make_batch_plan, resolve_run_dtypes
+    from qlora_kit.optim import make_optimizer, make_scheduler
+    from qlora_kit.train import TrainState, load_lora_model, prepare, train_step
 
-    tc = cfg.train
-    device, dtype, adapter_dtype = resolve_run_dtypes(cfg)
-    torch.manual_seed(tc.seed)
-    data = prepare_data(cfg.data, load_tokenizer(cfg.model.name_or_path), verbose=False)
+    inputs = prepare(cfg)
     loaded: dict[str, torch.nn.Module] = {}
 
     def load() -> None:
-        loaded["model"], _ = load_lora_model(cfg, device, dtype, adapter_dtype)
+        loaded["model"], _ = load_lora_model(cfg, inputs.device, inputs.dtype, inputs.adapter_dtype)
 
-    load_measured = measure_phases([("load", load)], device)
+    load_measured = measure_phases([("load", load)], inputs.device)
     model = loaded.pop("model")
     model.train()
-    batches = make_batch_plan(cfg, data)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(tc.optimizer, params, tc, device)  # "auto": the same rule as the planner's
+    optimizer = make_optimizer(cfg.train.optimizer, params, cfg.train, inputs.device)  # "auto": the planner's rule
+    state = TrainState(
+        model=model,
+        params=params,
+        optimizer=optimizer,
+        scheduler=make_scheduler(optimizer, cfg.train, inputs.total_steps),
+        max_grad_norm=cfg.train.max_grad_norm,
+    )
     shape = shape_from_config(model.config, name=Path(model.name_or_path).name)
-    knobs = dict(rank=cfg.lora.r, targets=cfg.lora.targets, optimizer=tc.optimizer, device=device.type)
+    knobs = dict(rank=cfg.lora.r, targets=cfg.lora.targets, optimizer=cfg.train.optimizer, device=inputs.device.type)
     knobs |= dict(checkpointing=cfg.model.gradient_checkpointing, lora_dropout=cfg.lora.dropout)
-    dtype_names = {value: name for name, value in DTYPES.items()}
-    knobs |= dict(compute_dtype=dtype_names[dtype], adapter_dtype=dtype_names[adapter_dtype])
+    knobs |= dict(compute_dtype=dtype_name(inputs.dtype), adapter_dtype=dtype_name(inputs.adapter_dtype))
 
     records = []
     for step in range(1, steps + 1):
-        batch = {k: v.to(device) for k, v in batches.next_batch().items()}
+        batch = {k: v.to(inputs.device) for k, v in inputs.batches.next_batch().items()}
         rows, width = batch["input_ids"].shape
-        labelled = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        measured = measure_training_step(model, batch, optimizer, tc.max_grad_norm)
+        labelled = label_count(batch)
+        with PhaseRecorder(inputs.device) as recorder:
+            train_step(state, [batch], phase=recorder.phase)
         del batch
         plan = plan_memory(shape, seq_len=width, batch_size=rows, label_tokens=labelled, **knobs, suggest=False)
         planned = dict(plan.phases)
@@ -270,7 +276,7 @@ def profile_run(cfg, steps: int = 3) -> dict:
                 "seq_len": width,
                 "batch_size": rows,
                 "label_tokens": labelled,
-                "measured": measured,
+                "measured": recorder.measurement,
                 "plan": plan,
                 "planned": planned,
             }
@@ -279,7 +285,7 @@ def profile_run(cfg, steps: int = 3) -> dict:
     peak_record = max(records, key=lambda r: r["measured"].peak)
     return {
         "recipe": cfg,
-        "device": device.type,
+        "device": inputs.device.type,
         "phases": _phase_rows(load_measured, records),
         "steps": records,
         "plan": peak_record["plan"],
