@@ -175,8 +175,7 @@ def build_ours(model_dir: str, device, dtype, checkpointing: bool):
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE)
-    constant = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    state = TrainState(model=model, params=params, optimizer=optimizer, scheduler=constant, max_grad_norm=MAX_GRAD_NORM)
+    state = TrainState(model=model, params=params, optimizer=optimizer, max_grad_norm=MAX_GRAD_NORM)
 
     def step(batch) -> float:
         return train_step(state, [batch]).loss

@@ -81,8 +81,8 @@ class TrainState:
     model: nn.Module
     params: list[nn.Parameter]
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    max_grad_norm: float  # 0: no clipping
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None  # None: the optimizer's lr throughout
+    max_grad_norm: float = 0.0  # 0: no clipping
     step: int = 0
 
 
@@ -227,12 +227,13 @@ def train_step(run: TrainState, micro_batches: list[dict[str, torch.Tensor]], ph
             f"(the last checkpoint is intact). Lower train.learning_rate, keep train.max_grad_norm > 0, "
             "or use model.compute_dtype=fp32/bf16 instead of fp16; then resume with train.resume=auto"
         )
-    lr = run.scheduler.get_last_lr()[0]
+    lr = run.optimizer.param_groups[0]["lr"]
     with phase("optimizer step"):
         max_norm = run.max_grad_norm
         grad_norm = torch.nn.utils.clip_grad_norm_(run.params, max_norm).item() if max_norm > 0 else None
         run.optimizer.step()
-        run.scheduler.step()
+        if run.scheduler is not None:
+            run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
     return StepStats(loss, n_labels, tokens, grad_norm, lr)

@@ -30,3 +30,26 @@ def test_ci_runs_the_readme_commands_in_a_fresh_venv():
     assert install in ci, f"{install!r} (README) is not what .ci/run installs"
     assert "python3 -m venv" in ci and "mktemp -d" in ci
     assert re.search(rf"^{re.escape(tests)}$", ci, re.M), ".ci/run does not run the README's test command"
+
+
+def test_readme_python_example_runs(tmp_path, monkeypatch, smollm2_dir):
+    """The README's Python block, as written, in a fresh directory: it trains and saves a loadable adapter."""
+    block = re.search(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert block, "the README has no Python example"
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(block.group(1), "README.md", "exec"), namespace)
+    losses = namespace["losses"]
+    assert len(losses) == 3 and losses[-1] < losses[0]  # it learns the one example
+    from qlora_kit import load_adapter, load_model
+
+    model = load_model(smollm2_dir)
+    load_adapter(model, tmp_path / "runs" / "api_demo" / "adapter")
+
+
+def test_public_api_names_all_import():
+    import qlora_kit
+
+    assert set(qlora_kit.__all__) >= {"load_model", "add_lora", "train", "export_merged", "plan_memory"}
+    for name in qlora_kit.__all__:
+        assert getattr(qlora_kit, name) is not None, name
