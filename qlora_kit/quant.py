@@ -186,8 +186,8 @@ class QuantizedBytes:
     codes: int = 0  # packed 4-bit values
     absmax: int = 0  # 8-bit absmax per block of 64
     nested_stats: int = 0  # fp32 scale per 256 absmax + the fp32 offset
-    non_quantized: int = 0  # embeddings, norms, lm_head, biases (compute dtype)
-    lora: int = 0  # adapter parameters
+    non_quantized: int = 0  # frozen embeddings, norms, lm_head, biases (compute dtype)
+    lora: int = 0  # trainable parameters: the adapters (everything else in a QLoRA model is frozen)
     quantized_params: int = 0  # number of weights stored in NF4
 
     @property
@@ -204,7 +204,9 @@ class QuantizedBytes:
 
 
 def quantized_bytes(model: nn.Module) -> QuantizedBytes:
-    """Walk the model's tensors once (shared/tied tensors counted once) and sort their bytes by category."""
+    """Walk the model's tensors once (shared/tied tensors counted once) and sort their bytes by category.
+
+    Trainable parameters count as the adapters: this module knows NF4 storage, not LoRA's names."""
     report = QuantizedBytes()
     seen: set[int] = set()
 
@@ -220,8 +222,8 @@ def quantized_bytes(model: nn.Module) -> QuantizedBytes:
             report.absmax += nbytes(module.absmax_codes)
             report.nested_stats += nbytes(module.absmax_scales) + nbytes(module.absmax_offset)
             report.quantized_params += module.in_features * module.out_features
-    for name, param in model.named_parameters():
-        if ".lora_a." in name or ".lora_b." in name:
+    for param in model.parameters():
+        if param.requires_grad:
             report.lora += nbytes(param)
         else:
             report.non_quantized += nbytes(param)
