@@ -104,7 +104,8 @@ class TrainConfig:
     warmup_steps: int = 0
     """Warmup length in optimizer steps; > 0 overrides warmup_ratio."""
     weight_decay: float = 0.0
-    """Decoupled (AdamW) weight decay on the adapter weights."""
+    """Decoupled (AdamW) weight decay on the adapter weights.
+    0 is the QLoRA paper's setting; LoRA's low rank already limits the update."""
     adam_beta1: float = 0.9
     """AdamW beta1, in [0, 1)."""
     adam_beta2: float = 0.999
@@ -119,7 +120,8 @@ class TrainConfig:
     save_steps: int = 0
     """Save a checkpoint every N optimizer steps; 0 = only at the end."""
     save_total_limit: int = 2
-    """Keep at most this many checkpoints; older ones are deleted."""
+    """Keep at most this many checkpoints; older ones are deleted.
+    A damaged checkpoint is never counted, nor deleted: it is left for you to look at."""
     logging_steps: int = 1
     """Log metrics every N optimizer steps."""
     seed: int = 42
