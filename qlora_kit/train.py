@@ -35,6 +35,7 @@ from qlora_kit.checkpoint import Checkpoint, find_resume_checkpoint, load_checkp
 from qlora_kit.config import RunConfig, load_config, to_yaml
 from qlora_kit.data import BatchPlan, PreparedData, eval_batches, prepare_data, prompt_template
 from qlora_kit.errors import QloraKitError
+from qlora_kit.facts import auto_optimizer
 from qlora_kit.loading import dtype_name, load_model, load_tokenizer, resolve_device, resolve_dtype
 from qlora_kit.lora import LoRAReport, add_lora
 from qlora_kit.loss import causal_lm_loss, label_count
@@ -92,6 +93,7 @@ class Run(RunInputs, TrainState):
 
     lora_report: LoRAReport
     log: RunLog
+    optimizer_name: str  # resolved ("auto" -> what this machine uses), saved with the optimizer's state
     eval_loss_start: float | None = None
 
 
@@ -162,7 +164,8 @@ def setup(inputs: RunInputs) -> Run:
     model, report = load_lora_model(cfg, inputs.device, inputs.dtype, inputs.adapter_dtype)
     logger.info(str(report))
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(cfg.train.optimizer, params, cfg.train, inputs.device)
+    optimizer_name = auto_optimizer(inputs.device.type) if cfg.train.optimizer == "auto" else cfg.train.optimizer
+    optimizer = make_optimizer(optimizer_name, params, cfg.train, inputs.device)
     scheduler = make_scheduler(optimizer, cfg.train, inputs.total_steps)
     run = Run(
         **vars(inputs),
@@ -173,15 +176,37 @@ def setup(inputs: RunInputs) -> Run:
         max_grad_norm=cfg.train.max_grad_norm,
         lora_report=report,
         log=RunLog(inputs.out, cfg.output.tensorboard),
+        optimizer_name=optimizer_name,
     )
     if inputs.resume_from is not None:
         state = load_checkpoint(inputs.resume_from.path, model)
-        optimizer.load_state_dict(state["optimizer"])
+        _restore_optimizer(run, state)
         scheduler.load_state_dict(state["scheduler"])
         run.batches.load_state_dict(state["data"])
         run.step, run.eval_loss_start = state["step"], state.get("eval_loss_start")
         logger.info(f"resumed from {inputs.resume_from.path} at step {run.step}/{run.total_steps}")
     return run
+
+
+def _restore_optimizer(run: Run, state: dict[str, Any]) -> None:
+    """The checkpoint's optimizer states, if they are this optimizer's; else a fresh start, said plainly.
+
+    Another optimizer's states do not fit (torch AdamW keeps exp_avg/exp_avg_sq, bitsandbytes state1/state2:
+    loading them "works" and the first step fails), which happens when a run started on a CPU (auto: adamw)
+    resumes on a GPU (auto: paged_adamw_32bit), or when train.optimizer was changed between runs.
+    """
+    saved = state.get("optimizer_name")  # None: a checkpoint from before the name was saved
+    if saved in (None, run.optimizer_name):
+        try:
+            run.optimizer.load_state_dict(state["optimizer"])
+            return
+        except (KeyError, ValueError) as e:
+            saved = f"another optimizer ({type(e).__name__}: {e})"
+    logger.warning(
+        f"the checkpoint's optimizer states are {saved}'s, and this run uses {run.optimizer_name}: the optimizer "
+        "starts with fresh states (moments at zero); the adapter, schedule and data position continue from the "
+        "checkpoint. To keep the states, resume with the same train.optimizer (and on the same kind of device)"
+    )
 
 
 # --- one step --------------------------------------------------------------------------------------------
@@ -296,6 +321,7 @@ def checkpoint(run: Run) -> Path:
     """Save the run's adapter and training state (optimizer, schedule, data position, RNG) at its step."""
     state = {
         "optimizer": run.optimizer.state_dict(),
+        "optimizer_name": run.optimizer_name,
         "scheduler": run.scheduler.state_dict(),
         "data": run.batches.state_dict(),
         "eval_loss_start": run.eval_loss_start,

@@ -4,6 +4,7 @@ it checkpoints atomically, it stops cleanly on SIGTERM, and a SIGKILLed run resu
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -210,3 +211,20 @@ def test_rerunning_a_complete_run_says_so_and_changes_nothing(tiny_model_dir, tm
     assert result.status == "completed" and result.steps == 2
     assert "is a complete run (2 of 2 steps" in said and "train.resume=none" in said and "eval loss" not in said
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_resume_with_another_optimizer_starts_its_states_fresh_and_says_so(tiny_model_dir, tmp_path, caplog):
+    """A checkpoint of torch AdamW (exp_avg) resumed with bitsandbytes AdamW8bit (state1/state2): loading the
+    foreign states would pass and the first step would fail with a KeyError; instead the run goes on."""
+    out = tmp_path / "run"
+    common = {"data.max_samples": 16, "train.save_steps": 2}
+    train(load_config(None, _overrides(tiny_model_dir, out, **common, **{"train.max_steps": 2})))
+    state = torch.load(out / "checkpoints" / "step-000002" / "training_state.pt", weights_only=False)
+    assert state["optimizer_name"] == "adamw"
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="qlora_kit"):
+        more = {"train.max_steps": 4, "train.optimizer": "adamw_8bit"}
+        result = train(load_config(None, _overrides(tiny_model_dir, out, **common, **more)))
+    assert result.status == "completed" and result.steps == 4
+    assert all(math.isfinite(loss) for loss in result.train_losses)
+    assert "optimizer states are adamw's, and this run uses adamw_8bit" in caplog.text
