@@ -1,8 +1,13 @@
 """Adapters on disk in PEFT's layout: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
 ``peft.PeftModel.from_pretrained(base, dir)`` loads what ``save_adapter`` writes, and ``load_adapter``
-loads what peft writes (LoRA on linear layers, bias "none"). Writes are atomic: files go to a temp dir
-beside the target, which is renamed into place only when complete.
+loads what peft writes (LoRA on linear layers, bias "none"). ``read_adapter`` is the one reader of an
+adapter's files (``load_adapter``, export and checkpoint resume all go through it); writes go through
+``atomic.atomic_dir``.
+
+``adapter_config.json`` is written from the run's LoRA settings (``lora``: r, alpha, dropout, use_rslora),
+its ``target_modules`` the adapted layers' leaf names where they cover every layer of a kind, and its
+``base_model_name_or_path`` absolute for a local dir, so the file means the same from any working directory.
 
 qlora-kit's own facts about an adapter or an exported dir (the prompt template the run trained with; for an
 export, that it is one) go into ``qlora_kit.json`` beside the peft files, not into ``adapter_config.json``:
@@ -12,19 +17,21 @@ peft warns about unknown keys there (0.21) or refuses them (older releases).
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from dataclasses import dataclass
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from qlora_kit.architecture import decoder_linear_names
+from qlora_kit.atomic import atomic_dir
 from qlora_kit.errors import QloraKitError
-from qlora_kit.lora import add_lora, decoder_linear_names, load_lora_state_dict, lora_layers, lora_state_dict
+from qlora_kit.lora import PEFT_PREFIX, add_lora, load_lora_state_dict, lora_layers, lora_state_dict
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -58,20 +65,79 @@ class AdapterConfig:
         }
 
 
-def adapter_config_of(model: nn.Module, base_model_name_or_path: str | None = None) -> AdapterConfig:
-    """Describe the model's LoRA layers; target_modules as leaf names when they cover whole layer kinds."""
+class LoRASettings(Protocol):
+    """What an adapter config takes from a LoRA config (``config.LoRAConfig`` is one)."""
+
+    r: int
+    alpha: float
+    dropout: float
+    use_rslora: bool
+
+
+@dataclass(frozen=True)
+class _LayerSettings:
+    r: int
+    alpha: float
+    dropout: float
+    use_rslora: bool
+
+    def __str__(self) -> str:
+        return f"r={self.r}, alpha={self.alpha:g}, dropout={self.dropout:g}, use_rslora={self.use_rslora}"
+
+
+# --- writing ----------------------------------------------------------------------------------------------
+
+
+def stored_base_path(name_or_path: str | Path | None) -> str | None:
+    """``base_model_name_or_path`` as adapter_config.json keeps it: an existing local dir as an absolute path
+    (export, generate and peft read the file from other working directories); a hub id or short id as it is."""
+    if name_or_path is None:
+        return None
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.is_dir() else str(name_or_path)
+
+
+def adapter_config_for(
+    lora: LoRASettings, adapted: Sequence[str], linears: Sequence[str], base_model_name_or_path: str | None = None
+) -> AdapterConfig:
+    """The adapter config of a run: ``lora``'s settings; ``adapted``: the full names of the adapted linears,
+    written as leaf names (``q_proj``) when they cover every linear of those kinds among ``linears``."""
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in adapted})
+    every_with_leaf = {name for name in [*linears, *adapted] if name.rsplit(".", 1)[-1] in leaves}
+    targets = leaves if every_with_leaf == set(adapted) else sorted(adapted)
+    return AdapterConfig(
+        int(lora.r),
+        float(lora.alpha),
+        float(lora.dropout),
+        targets,
+        bool(lora.use_rslora),
+        stored_base_path(base_model_name_or_path),
+    )
+
+
+def adapter_config_of(
+    model: nn.Module, base_model_name_or_path: str | None = None, lora: LoRASettings | None = None
+) -> AdapterConfig:
+    """The config of ``model``'s adapter: from ``lora`` (the run's LoRA config, checked against the layers),
+    or, without one, as the layers say (a model adapted by hand with ``add_lora``)."""
     layers = lora_layers(model)
     if not layers:
         raise QloraKitError("the model has no LoRA layers to save; call add_lora first")
-    first = next(iter(layers.values()))
-    adapted = set(layers)
-    leaves = sorted({name.rsplit(".", 1)[-1] for name in adapted})
-    every_with_leaf = {
-        name for name in decoder_linear_names(model) + list(adapted) if name.rsplit(".", 1)[-1] in leaves
-    }
-    targets = leaves if every_with_leaf == adapted else sorted(adapted)
-    dropout = first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0
-    return AdapterConfig(first.r, first.alpha, dropout, targets, first.use_rslora, base_model_name_or_path)
+    held = [
+        _LayerSettings(
+            layer.r, layer.alpha, layer.dropout.p if isinstance(layer.dropout, nn.Dropout) else 0.0, layer.use_rslora
+        )
+        for layer in layers.values()
+    ]
+    if lora is not None:
+        given = _LayerSettings(lora.r, lora.alpha, lora.dropout, lora.use_rslora)
+        if set(held) != {given}:
+            raise QloraKitError(
+                f"the LoRA config to save ({given}) is not what the model's LoRA layers hold "
+                f"({'; '.join(sorted(set(map(str, held))))}); save the config the layers were added with"
+            )
+    settings = lora if lora is not None else held[0]
+    return adapter_config_for(settings, list(layers), decoder_linear_names(model), base_model_name_or_path)
 
 
 def write_adapter_files(
@@ -79,12 +145,13 @@ def write_adapter_files(
     directory: Path,
     base_model_name_or_path: str | None = None,
     metadata: dict[str, Any] | None = None,
+    lora: LoRASettings | None = None,
 ) -> None:
     """Write the adapter files (and ``metadata`` as qlora_kit.json) into an existing directory.
 
-    No atomicity: callers own the directory.
+    No atomicity: callers own the directory (``save_adapter``, ``checkpoint.save_checkpoint``).
     """
-    config = adapter_config_of(model, base_model_name_or_path)
+    config = adapter_config_of(model, base_model_name_or_path, lora)
     state = {k: v.contiguous() for k, v in lora_state_dict(model).items()}
     save_file(state, directory / WEIGHTS_NAME, metadata={"format": "pt"})
     (directory / CONFIG_NAME).write_text(json.dumps(config.to_peft_json(), indent=2) + "\n")
@@ -97,38 +164,23 @@ def save_adapter(
     directory: str | Path,
     base_model_name_or_path: str | None = None,
     metadata: dict[str, Any] | None = None,
+    lora: LoRASettings | None = None,
 ) -> Path:
-    """Atomically (re)write ``directory`` as a PEFT-layout adapter dir (``metadata``: see ``write_metadata``)."""
+    """Atomically (re)write ``directory`` as a PEFT-layout adapter dir (``metadata``: see ``write_metadata``;
+    ``lora``: the run's LoRA config, see ``adapter_config_of``)."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise QloraKitError(f"{directory} is a file; choose a directory path for the adapter")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
-        write_adapter_files(model, tmp, base_model_name_or_path, metadata)
-        apply_umask(tmp)
-        replace_dir(tmp, directory)
+        with atomic_dir(directory) as tmp:
+            write_adapter_files(model, tmp, base_model_name_or_path, metadata, lora)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         earlier = " The adapter that was there is intact." if directory.is_dir() else ""
         raise QloraKitError(
             f"could not write the adapter to {directory} ({e}); nothing was written there.{earlier} "
             "Free disk space (or choose another directory) and save again"
         ) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
-
-
-def apply_umask(directory: Path) -> None:
-    """Give a dir made by ``tempfile.mkdtemp`` (mode 0700) and the files in it the modes any other tool's output
-    gets: 0777 / 0666 minus the user's umask (safetensors writes its files 0600, copies keep their source's mode).
-    """
-    mask = os.umask(0)  # the only way to read the umask; set back at once (this process writes no files meanwhile)
-    os.umask(mask)
-    for path in [directory, *directory.rglob("*")]:
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def write_metadata(directory: Path, metadata: dict[str, Any]) -> None:
@@ -137,38 +189,34 @@ def write_metadata(directory: Path, metadata: dict[str, Any]) -> None:
     (directory / METADATA_NAME).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
 
 
+# --- reading ----------------------------------------------------------------------------------------------
+
+
+class AdapterFileError(QloraKitError):
+    """An adapter file that cannot be used; ``file`` names which (a checkpoint reports it as damaged)."""
+
+    def __init__(self, message: str, file: str) -> None:
+        super().__init__(message)
+        self.file = file
+
+
 def read_metadata(directory: Path) -> dict[str, Any]:
     """What ``write_metadata`` wrote in ``directory``; {} for a dir without it (other tools', older runs')."""
     path = directory / METADATA_NAME
     if not path.is_file():
         return {}
+    how = "generate then needs --template alpaca or chat"
     try:
         metadata = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise QloraKitError(
+        raise AdapterFileError(
             f"{path} is damaged ({e}). It only records the prompt template and where the dir came from: "
-            "delete it (generate then needs --template alpaca or chat)"
+            f"delete it ({how})",
+            METADATA_NAME,
         ) from None
     if not isinstance(metadata, dict):
-        raise QloraKitError(
-            f"{path} should hold a JSON object; delete it (generate then needs --template alpaca or chat)"
-        )
+        raise AdapterFileError(f"{path} should hold a JSON object; delete it ({how})", METADATA_NAME)
     return metadata
-
-
-def replace_dir(new: Path, target: Path) -> None:
-    """Put the complete dir ``new`` at ``target``; an older ``target`` survives until the new one is in place."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{new.name}")
-        target.rename(old)
-        try:
-            new.rename(target)
-        except BaseException:
-            old.rename(target)  # put the earlier dir back: a failed replace must not lose it
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        new.rename(target)
 
 
 def find_adapter_dir(source: Path) -> Path:
@@ -186,27 +234,67 @@ def find_adapter_dir(source: Path) -> Path:
     )
 
 
+@dataclass
+class Adapter:
+    """An adapter dir as read: its config, its weights under PEFT's key names, and qlora_kit.json ({} if none)."""
+
+    directory: Path
+    config: AdapterConfig
+    state: dict[str, torch.Tensor]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def pairs(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """(A, B) per adapted module name (``model.layers.0.self_attn.q_proj``)."""
+        prefix, suffix = len(PEFT_PREFIX), len(".lora_A.weight")
+        return {
+            key[prefix:-suffix]: (tensor, self.state[key.replace(".lora_A.", ".lora_B.")])
+            for key, tensor in self.state.items()
+            if key.endswith(".lora_A.weight")
+        }
+
+
+def read_adapter(directory: str | Path) -> Adapter:
+    """Read and check an adapter dir: the config, the weights (complete A/B pairs of rank ``r``), the metadata.
+
+    Errors are ``AdapterFileError``s naming the file.
+    """
+    directory = Path(directory)
+    config = read_adapter_config(directory)
+    state = _read_weights(directory, config.r)
+    return Adapter(directory, config, state, read_metadata(directory))
+
+
 def read_adapter_config(directory: str | Path) -> AdapterConfig:
     directory = Path(directory)
     config_file = directory / CONFIG_NAME
     if not directory.is_dir():
-        raise QloraKitError(f"adapter directory {directory} does not exist")
+        raise AdapterFileError(f"adapter directory {directory} does not exist", CONFIG_NAME)
     if not config_file.is_file():
-        raise QloraKitError(
+        raise AdapterFileError(
             f"{directory} is not an adapter directory: {CONFIG_NAME} is missing "
-            f"(an adapter dir holds {CONFIG_NAME} and {WEIGHTS_NAME})"
+            f"(an adapter dir holds {CONFIG_NAME} and {WEIGHTS_NAME})",
+            CONFIG_NAME,
         )
     try:
         raw = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise QloraKitError(f"{config_file} is not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterFileError(f"{config_file} is not valid JSON ({e})", CONFIG_NAME) from None
+    if not isinstance(raw, dict):
+        raise AdapterFileError(f"{config_file} should hold a JSON object", CONFIG_NAME)
+    return _config_from_json(raw, config_file)
+
+
+def _config_from_json(raw: dict, config_file: Path) -> AdapterConfig:
+    def refuse(problem: str) -> AdapterFileError:
+        return AdapterFileError(f"{config_file}: {problem}", CONFIG_NAME)
+
     if raw.get("peft_type", "LORA") != "LORA":
-        raise QloraKitError(f"{config_file}: peft_type {raw.get('peft_type')!r} is not supported; only LORA is")
+        raise refuse(f"peft_type {raw.get('peft_type')!r} is not supported; only LORA is")
     if raw.get("bias", "none") != "none" or raw.get("modules_to_save"):
-        raise QloraKitError(f"{config_file}: only bias='none' adapters without modules_to_save are supported")
+        raise refuse("only bias='none' adapters without modules_to_save are supported")
     targets = raw.get("target_modules")
     if isinstance(targets, str):
-        raise QloraKitError(f"{config_file}: target_modules is a pattern ({targets!r}); list the module names instead")
+        raise refuse(f"target_modules is a pattern ({targets!r}); list the module names instead")
     try:
         return AdapterConfig(
             r=int(raw["r"]),
@@ -217,32 +305,60 @@ def read_adapter_config(directory: str | Path) -> AdapterConfig:
             base_model_name_or_path=raw.get("base_model_name_or_path"),
         )
     except (KeyError, TypeError, ValueError) as e:
-        raise QloraKitError(f"{config_file} lacks a valid {e} entry") from None
+        raise AdapterFileError(f"{config_file} lacks a valid {e} entry", CONFIG_NAME) from None
 
 
-def load_adapter(model: nn.Module, directory: str | Path, dtype=None) -> AdapterConfig:
-    """Add LoRA layers as the adapter's config says and load its weights into them."""
-    directory = Path(directory)
-    config = read_adapter_config(directory)
+def _read_weights(directory: Path, r: int) -> dict[str, torch.Tensor]:
+    """The weights under PEFT's on-disk names (peft's in-memory ``.default`` dropped), checked pair by pair."""
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
-        hint = (
-            " (adapter_model.bin is the old pickle format: re-save it with safetensors)"
-            if (directory / "adapter_model.bin").is_file()
-            else ""
+        old = (directory / "adapter_model.bin").is_file()
+        hint = " (adapter_model.bin is the old pickle format: re-save it with safetensors)" if old else ""
+        raise AdapterFileError(
+            f"{directory} has {CONFIG_NAME} but no {WEIGHTS_NAME}; the adapter is incomplete{hint}", WEIGHTS_NAME
         )
-        raise QloraKitError(f"{directory} has {CONFIG_NAME} but no {WEIGHTS_NAME}{hint}")
     try:
         state = load_file(weights)
     except (SafetensorError, OSError) as e:
-        raise QloraKitError(f"{weights} is damaged or not a safetensors file ({e})") from None
+        raise AdapterFileError(f"{weights} is damaged or not a safetensors file ({e})", WEIGHTS_NAME) from None
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        match = re.fullmatch(rf"{re.escape(PEFT_PREFIX)}(.+)\.lora_([AB])(?:\.default)?\.weight", key)
+        if match is None:
+            raise AdapterFileError(
+                f"{weights}: unexpected tensor {key!r}; an adapter holds LoRA A/B weights only", WEIGHTS_NAME
+            )
+        pairs.setdefault(match.group(1), {})[match.group(2)] = tensor
+    incomplete = sorted(name for name, pair in pairs.items() if len(pair) != 2)
+    if incomplete or not pairs:
+        raise AdapterFileError(
+            f"{weights}: no complete LoRA A/B pair (e.g. {incomplete[:1] or 'no tensors'})", WEIGHTS_NAME
+        )
+    for name, pair in pairs.items():  # the scaling comes from the config's r: it must be the weights' rank
+        for which, rank_dim in (("A", 0), ("B", 1)):
+            tensor = pair[which]
+            if tensor.dim() != 2 or tensor.shape[rank_dim] != r:
+                raise AdapterFileError(
+                    f"{weights}: {name}.lora_{which} has shape {tuple(tensor.shape)} but {CONFIG_NAME} says r={r}; "
+                    "the adapter files do not belong together",
+                    WEIGHTS_NAME,
+                )
+    return {f"{PEFT_PREFIX}{name}.lora_{which}.weight": t for name, pair in pairs.items() for which, t in pair.items()}
+
+
+def load_adapter(model: nn.Module, adapter: str | Path | Adapter, dtype: torch.dtype | None = None) -> AdapterConfig:
+    """Add LoRA layers as the adapter's config says and load its weights into them (``adapter``: a dir, or
+    what ``read_adapter`` read). ``dtype``: of the LoRA weights (default: as stored)."""
+    if not isinstance(adapter, Adapter):
+        adapter = read_adapter(adapter)
+    config = adapter.config
     if dtype is None:
-        dtype = next(iter(state.values())).dtype
+        dtype = next(iter(adapter.state.values())).dtype
     try:
         add_lora(
             model, config.target_modules, config.r, config.lora_alpha, config.lora_dropout, config.use_rslora, dtype
         )
     except QloraKitError as e:
-        raise QloraKitError(f"adapter {directory} does not fit this base model: {e}") from None
-    load_lora_state_dict(model, state, source=str(directory))
+        raise QloraKitError(f"adapter {adapter.directory} does not fit this base model: {e}") from None
+    load_lora_state_dict(model, adapter.state, source=str(adapter.directory))
     return config

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qlora_kit.adapter import WEIGHTS_NAME, write_adapter_files
+from qlora_kit.adapter import AdapterFileError, LoRASettings, read_adapter, write_adapter_files
 from qlora_kit.atomic import atomic_dir
 from qlora_kit.errors import QloraKitError
 from qlora_kit.lora import load_lora_state_dict
@@ -67,12 +67,17 @@ def save_checkpoint(
     training_state: dict[str, Any],
     base_model_name_or_path: str | None,
     keep_last: int,
+    lora: LoRASettings | None = None,
 ) -> Path:
-    """Write checkpoint ``step`` atomically and keep only the newest ``keep_last`` checkpoints."""
+    """Write checkpoint ``step`` atomically and keep only the newest ``keep_last`` checkpoints.
+
+    ``lora``: the run's LoRA config, which the checkpoint's adapter_config.json is written from (see
+    ``adapter.adapter_config_of``).
+    """
     target = checkpoint_dir(run_dir) / f"step-{step:06d}"
     try:
         with atomic_dir(target) as tmp:
-            write_adapter_files(model, tmp, base_model_name_or_path)
+            write_adapter_files(model, tmp, base_model_name_or_path, lora=lora)
             torch.save({**training_state, "step": step, "rng": rng_state()}, tmp / STATE_NAME)
             (tmp / MARKER_NAME).write_text(json.dumps({"step": step}) + "\n")
     except OSError as e:
@@ -161,16 +166,14 @@ def find_resume_checkpoint(resume: str, run_dir: Path) -> Checkpoint | None:
 
 def load_checkpoint(path: Path, model: nn.Module) -> dict[str, Any]:
     """Load the adapter weights into ``model``; return the training state (RNG already restored)."""
-    from safetensors.torch import load_file
-
-    def read(name: str, reader: Any) -> Any:
-        try:
-            return reader(path / name)
-        except Exception as e:  # a damaged file: say which, and what to do
-            raise damaged_checkpoint_error(path, name, f"{type(e).__name__}: {e}") from None
-
-    state = read(STATE_NAME, lambda file: torch.load(file, map_location="cpu", weights_only=False))
-    adapter = read(WEIGHTS_NAME, load_file)
-    load_lora_state_dict(model, adapter, source=str(path))
+    try:
+        state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=False)
+    except Exception as e:  # a damaged file (torch raises several kinds): say which, and what to do
+        raise damaged_checkpoint_error(path, STATE_NAME, f"{type(e).__name__}: {e}") from None
+    try:
+        adapter = read_adapter(path)
+    except AdapterFileError as e:
+        raise damaged_checkpoint_error(path, e.file, str(e)) from None
+    load_lora_state_dict(model, adapter.state, source=str(path))
     set_rng_state(state["rng"])
     return state

@@ -3,7 +3,8 @@
 The entry points of the commands (their arguments, what they print, their exit status) live here and call
 the library; ``main`` dispatches and turns ``QloraKitError`` into a one-paragraph message and exit status 2
 (no traceback soup for bad input). Library imports happen inside each entry point, so ``--help`` stays fast
-(``qlora-kit plan`` never imports torch). export and generate are still reached through ``_lazy``.
+(``qlora-kit plan`` never imports torch). The library logs; ``configure_logging`` shows its INFO messages
+on stdout and its warnings on stderr. Only this module prints.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qlora_kit.errors import QloraKitError
-from qlora_kit.facts import DTYPE_CHOICES, OPTIMIZER_CHOICES, GiB, parse_size
+from qlora_kit.facts import DTYPE_CHOICES, DTYPE_NAMES, OPTIMIZER_CHOICES, PROMPT_TEMPLATES, GiB, parse_size
 
 if TYPE_CHECKING:
     from qlora_kit.memory import ModelShape
@@ -155,19 +156,141 @@ def profile_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _lazy(module: str, function: str):
-    def run(argv: list[str]) -> int:
-        return getattr(__import__(f"qlora_kit.{module}", fromlist=[function]), function)(argv)
+def export_main(argv: list[str] | None = None) -> int:
+    """``qlora-kit export``: merge a run's adapter into its base model, written as a standard HF checkpoint."""
+    from qlora_kit.export import MERGE_TARGETS, QUANTIZE_FORMATS, export_merged
 
-    return run
+    p = argparse.ArgumentParser(
+        prog="qlora-kit export",
+        description="Merge a trained LoRA adapter into its base model and write a standard Hugging Face "
+        "checkpoint dir (streamed shard by shard; peak memory about one shard).",
+    )
+    p.add_argument("source", metavar="RUN_OR_ADAPTER_DIR", help="a training run dir (with adapter/) or an adapter dir")
+    p.add_argument("--out", required=True, help="the directory to write (refused if it exists, unless --force)")
+    p.add_argument("--dtype", default="bf16", choices=DTYPE_NAMES, help="dtype of the exported weights")
+    p.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        help="largest shard file, e.g. 500MB or 5GB (the default). Binary, like every size qlora-kit reads: "
+        "5GB = 5 GiB = 5 x 2^30 bytes (transformers would read 5GB as 5 x 10^9)",
+    )
+    p.add_argument(
+        "--merge-into",
+        default="dequantized",
+        choices=MERGE_TARGETS,
+        help="dequantized (default): the NF4 weights training saw; original: the 16-bit checkpoint weights "
+        "(re-introduces quantization error the adapter never saw)",
+    )
+    p.add_argument(
+        "--quantize", choices=QUANTIZE_FORMATS, default=None, help="re-quantize the merged model in bitsandbytes 4-bit"
+    )
+    p.add_argument(
+        "--force", action="store_true", help="replace an earlier export at --out (never a dir holding other files)"
+    )
+    p.add_argument("--base-model", default=None, help="base model path or id (default: the adapter config's)")
+    p.add_argument(
+        "--device", default="auto", help="where weights are quantized and merged: auto, cpu, cuda (match training)"
+    )
+    args = p.parse_args(argv)
+    export_merged(
+        args.source,
+        args.out,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        merge_into=args.merge_into,
+        quantize=args.quantize,
+        force=args.force,
+        base_model=args.base_model,
+        device=args.device,
+    )
+    return 0
+
+
+GENERATE_TEMPLATES = ("auto", *PROMPT_TEMPLATES)  # auto: the template recorded with the run, else by the tokenizer
+
+
+def _generate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="qlora-kit generate",
+        description="Generate text with a base model + LoRA adapter, or an exported merged model.",
+    )
+    p.add_argument("--model", required=True, help="base model or exported dir: path, hub id or short id")
+    p.add_argument("--adapter", default=None, help="adapter dir (or training run dir) to apply")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="one prompt; the answer is streamed to the terminal")
+    source.add_argument("--interactive", action="store_true", help="read prompts from stdin until EOF or 'exit'")
+    p.add_argument(
+        "--input",
+        default="",
+        help="the Alpaca format's input field: context for the instruction in --prompt (alpaca template only)",
+    )
+    p.add_argument(
+        "--template",
+        default="auto",
+        choices=GENERATE_TEMPLATES,
+        help="prompt format: alpaca, chat (the tokenizer's chat template), none (raw text); auto (default): the "
+        "template recorded with the adapter or export (the one training used), else chat when the tokenizer "
+        "has a chat template, else alpaca",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy decoding")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling (with --temperature > 0)")
+    p.add_argument(
+        "--merge-adapter",
+        action="store_true",
+        help="fold the adapter into dense layers (dequantized weight + scaled B@A in the compute dtype): "
+        "faster generation, 4-8x the memory of those layers",
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="compute dtype (auto: as training picks)")
+    p.add_argument(
+        "--quantize",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="load the decoder linears in NF4. Default: yes for a base model (as training saw it), no for a "
+        "merged qlora-kit export (re-quantizing it loses part of the fine-tune)",
+    )
+    return p
+
+
+def generate_main(argv: list[str] | None = None) -> int:
+    """``qlora-kit generate``: one prompt, or a prompt loop on stdin; answers are streamed to stdout."""
+    args = _generate_parser().parse_args(argv)
+    from qlora_kit.generate import check_prompt, generate_text, load_for_generation
+
+    if args.prompt is not None:
+        check_prompt(args.prompt)  # before minutes of loading
+    model, tokenizer, recorded = load_for_generation(
+        args.model, args.adapter, args.device, args.dtype, args.quantize, args.merge_adapter
+    )
+    template = recorded if args.template == "auto" and recorded else args.template
+
+    def answer(prompt: str) -> None:
+        sampling = dict(temperature=args.temperature, top_p=args.top_p, input_text=args.input)
+        generate_text(model, tokenizer, prompt, template, args.max_new_tokens, stream=True, **sampling)
+
+    if args.prompt is not None:
+        answer(args.prompt)
+        return 0
+    print("Type a prompt and press Enter; 'exit' or Ctrl-D quits.")
+    while True:
+        try:
+            prompt = input(">>> ")
+        except EOFError:
+            print()
+            return 0
+        if prompt.strip() in {"exit", "quit"}:
+            return 0
+        if prompt.strip():
+            answer(prompt)
 
 
 COMMANDS = {
     "train": train_main,
     "plan": plan_main,
     "profile": profile_main,
-    "export": _lazy("export", "export_main"),
-    "generate": _lazy("generate", "generate_main"),
+    "export": export_main,
+    "generate": generate_main,
 }
 
 

@@ -1,7 +1,8 @@
 """Text generation with a base model + adapter (or an exported merged dir), greedy or sampled, streamed.
 
 ``generate_text`` is the library call (the trainer's before/after samples use it, so a run's samples are
-exactly what ``qlora-kit generate`` prints for the same prompt); ``generate_main`` is ``qlora-kit generate``.
+exactly what ``qlora-kit generate`` prints for the same prompt); ``load_for_generation`` loads what
+``qlora-kit generate`` (``cli.generate_main``) is pointed at.
 
 What loads how:
 
@@ -22,33 +23,28 @@ formatted its data with; without a record, the tokenizer's chat template if it h
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
+import logging
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from qlora_kit.adapter import METADATA_NAME, find_adapter_dir, load_adapter, read_metadata
+from qlora_kit.adapter import METADATA_NAME, find_adapter_dir, load_adapter, read_adapter, read_metadata
 from qlora_kit.data import encode_prompt_ids
+from qlora_kit.data.templates import has_chat_template
 from qlora_kit.errors import QloraKitError
 from qlora_kit.facts import PROMPT_TEMPLATES
-from qlora_kit.loading import (
-    bnb_quantization,
-    is_nf4_double_quant,
-    load_model,
-    load_tokenizer,
-    resolve_device,
-    resolve_dtype,
-)
+from qlora_kit.loading import load_model, load_tokenizer, resolve_device, resolve_dtype
 from qlora_kit.lora import lora_layers, merge_lora_weight
 from qlora_kit.models import resolve_model_dir
+from qlora_kit.prequantized import bnb_quantization, is_nf4_double_quant
 from qlora_kit.quant import NF4Linear
 
-TEMPLATES = ("auto", *PROMPT_TEMPLATES)  # auto: the template recorded with the run, else by the tokenizer
+logger = logging.getLogger(__name__)
+
 REQUANTIZE_NOTE = (
-    "note: {model} is a merged qlora-kit export; --quantize re-quantizes its merged weights to NF4, which "
+    "{model} is a merged qlora-kit export; --quantize re-quantizes its merged weights to NF4, which "
     "rounds away part of the fine-tune (the LoRA update is often smaller than one NF4 step). Without "
     "--quantize it loads dense, exactly as exported."
 )
@@ -71,21 +67,15 @@ def encode_prompt(tokenizer, prompt: str, template: str = "none", input_text: st
     ids training uses for an Alpaca row with this instruction and ``input_text`` (its ``input`` field).
     """
     check_prompt(prompt)
-    has_chat = bool(getattr(tokenizer, "chat_template", None))
     if template == "auto":
-        template = "chat" if has_chat else "alpaca"
-    if template not in TEMPLATES:
-        raise QloraKitError(f"unknown template {template!r}; use one of {', '.join(TEMPLATES)}")
-    if input_text and template != "alpaca":
+        template = "chat" if has_chat_template(tokenizer) else "alpaca"
+    if input_text and template != "alpaca":  # said in the CLI's words (encode_prompt_ids would refuse it too)
         raise QloraKitError(
             f"--input is the Alpaca format's input field; the {template!r} template has no place for it. "
             "Use --template alpaca, or put the text into --prompt"
         )
-    if template == "chat" and not has_chat:
-        raise QloraKitError(
-            "--template chat needs a tokenizer with a chat template; this one has none. Use --template alpaca or none"
-        )
-    ids = encode_prompt_ids(tokenizer, template, prompt, input_text)  # token for token a training prompt
+    # token for token a training prompt; the template's name and the tokenizer's chat template checked there
+    ids = encode_prompt_ids(tokenizer, template, prompt, input_text)
     input_ids = torch.tensor([ids], dtype=torch.long)
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
 
@@ -158,10 +148,10 @@ def recorded_template(*directories: Path) -> str | None:
     template = None
     for directory in directories:
         recorded = read_metadata(directory).get("template")
-        if recorded is not None and recorded not in TEMPLATES[1:]:
+        if recorded is not None and recorded not in PROMPT_TEMPLATES:
             raise QloraKitError(
                 f"{directory / METADATA_NAME} records the template {recorded!r}, which is not one of "
-                f"{', '.join(TEMPLATES[1:])}; fix or delete that file, or pass --template"
+                f"{', '.join(PROMPT_TEMPLATES)}; fix or delete that file, or pass --template"
             )
         template = recorded or template
     return template
@@ -186,7 +176,7 @@ def _load_model(model_dir: Path, device: torch.device, dtype: torch.dtype, quant
     if quantize is None:
         quantize = quantization is not None or not is_export
     elif quantize and is_export and quantization is None:
-        print(REQUANTIZE_NOTE.format(model=model_dir), file=sys.stderr)
+        logger.warning(REQUANTIZE_NOTE.format(model=model_dir))
     return load_model(model_dir, device=device, dtype=dtype, quantize=quantize)
 
 
@@ -200,92 +190,15 @@ def load_for_generation(
     model_dir = resolve_model_dir(model)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    adapter_dir = find_adapter_dir(Path(adapter)) if adapter is not None else None
-    template = recorded_template(model_dir, *([adapter_dir] if adapter_dir is not None else []))
-    loaded = _load_model(model_dir, torch_device, torch_dtype, quantize, adapter_dir is not None)
+    # The adapter is read and checked before minutes of loading the model.
+    lora = read_adapter(find_adapter_dir(Path(adapter))) if adapter is not None else None
+    template = recorded_template(model_dir, *([lora.directory] if lora is not None else []))
+    loaded = _load_model(model_dir, torch_device, torch_dtype, quantize, lora is not None)
     tokenizer_dir = model_dir
-    if adapter_dir is not None:
-        load_adapter(loaded, adapter_dir, dtype=torch_dtype)
-        if (adapter_dir / "tokenizer_config.json").is_file():
-            tokenizer_dir = adapter_dir  # training may have saved its own tokenizer next to the adapter
+    if lora is not None:
+        load_adapter(loaded, lora, dtype=torch_dtype)
+        if (lora.directory / "tokenizer_config.json").is_file():
+            tokenizer_dir = lora.directory  # training may have saved its own tokenizer next to the adapter
         if merge_adapter:
             fold_lora(loaded, torch_dtype)
     return loaded.eval(), load_tokenizer(tokenizer_dir), template
-
-
-def generate_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="qlora-kit generate",
-        description="Generate text with a base model + LoRA adapter, or an exported merged model.",
-    )
-    parser.add_argument("--model", required=True, help="base model or exported dir: path, hub id or short id")
-    parser.add_argument("--adapter", default=None, help="adapter dir (or training run dir) to apply")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompt", help="one prompt; the answer is streamed to the terminal")
-    source.add_argument("--interactive", action="store_true", help="read prompts from stdin until EOF or 'exit'")
-    parser.add_argument(
-        "--input",
-        default="",
-        help="the Alpaca format's input field: context for the instruction in --prompt (alpaca template only)",
-    )
-    parser.add_argument(
-        "--template",
-        default="auto",
-        choices=TEMPLATES,
-        help="prompt format: alpaca, chat (the tokenizer's chat template), none (raw text); auto (default): the "
-        "template recorded with the adapter or export (the one training used), else chat when the tokenizer "
-        "has a chat template, else alpaca",
-    )
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy decoding")
-    parser.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling (with --temperature > 0)")
-    parser.add_argument(
-        "--merge-adapter",
-        action="store_true",
-        help="fold the adapter into dense layers (dequantized weight + scaled B@A in the compute dtype): "
-        "faster generation, 4-8x the memory of those layers",
-    )
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    parser.add_argument("--dtype", default="auto", help="compute dtype: auto, bf16, fp16, fp32")
-    parser.add_argument(
-        "--quantize",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="load the decoder linears in NF4. Default: yes for a base model (as training saw it), no for a "
-        "merged qlora-kit export (re-quantizing it loses part of the fine-tune)",
-    )
-    args = parser.parse_args(argv)
-    if args.prompt is not None:
-        check_prompt(args.prompt)  # before minutes of loading
-    model, tokenizer, recorded = load_for_generation(
-        args.model, args.adapter, args.device, args.dtype, args.quantize, args.merge_adapter
-    )
-    template = recorded if args.template == "auto" and recorded else args.template
-
-    def answer(prompt: str) -> None:
-        generate_text(
-            model,
-            tokenizer,
-            prompt,
-            template,
-            args.max_new_tokens,
-            args.temperature,
-            args.top_p,
-            stream=True,
-            input_text=args.input,
-        )
-
-    if args.prompt is not None:
-        answer(args.prompt)
-        return 0
-    print("Type a prompt and press Enter; 'exit' or Ctrl-D quits.")
-    while True:
-        try:
-            prompt = input(">>> ")
-        except EOFError:
-            print()
-            return 0
-        if prompt.strip() in {"exit", "quit"}:
-            return 0
-        if prompt.strip():
-            answer(prompt)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from qlora_kit.architecture import decoder_linear_names
 from qlora_kit.errors import QloraKitError
 from qlora_kit.facts import select_targets
 from qlora_kit.quant import NF4Linear
@@ -173,30 +174,6 @@ class LoRAReport:
             f"LoRA on {len(self.adapted)} linears: trainable params {self.trainable_params:,} "
             f"|| all params {self.total_params:,} || trainable {pct:.3f}%"
         )
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks of a transformers causal LM (``model.model.layers`` for Llama/Mistral/Qwen2)."""
-    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and (n_layers is None or len(module) == n_layers):
-            return module
-    raise QloraKitError(f"{type(model).__name__} has no list of decoder layers; it is not a supported architecture")
-
-
-def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, NF4Linear))
-
-
-def decoder_linear_names(model: nn.Module) -> list[str]:
-    """Full names of every linear inside the decoder layers (the candidates for quantization and LoRA)."""
-    layers = decoder_layers(model)
-    prefix = next(name for name, module in model.named_modules() if module is layers)
-    return [
-        f"{prefix}.{name}"
-        for name, module in layers.named_modules()
-        if _is_linear(module) and not isinstance(module, LoRALinear)
-    ]
 
 
 def resolve_targets(model: nn.Module, targets: str | Iterable[str]) -> list[str]:

@@ -9,12 +9,15 @@ the cache dir, and from then on it is loaded like any HF checkpoint.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from qlora_kit.atomic import atomic_dir
 from qlora_kit.errors import QloraKitError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,7 @@ def _converted_packaged_gguf(short_id: str, spec: PackagedGGUF) -> Path:
     gguf = packaged_gguf_path(spec)
     if importlib.util.find_spec("gguf") is None:
         raise QloraKitError("reading GGUF files needs the 'gguf' package; install it with: pip install gguf")
-    print(f"converting {gguf.name} to a safetensors checkpoint in {out} (once)")
+    logger.info(f"converting {gguf.name} to a safetensors checkpoint in {out} (once)")
     convert_gguf_to_safetensors(gguf, out)
     return out
 

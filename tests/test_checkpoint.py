@@ -4,6 +4,7 @@ half-written directory; a damaged checkpoint is named, not unpickled into garbag
 from __future__ import annotations
 
 import errno
+import json
 import re
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from qlora_kit.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from qlora_kit.config import LoRAConfig
 from qlora_kit.errors import QloraKitError
 from qlora_kit.loading import load_model
 from qlora_kit.lora import add_lora, lora_state_dict
@@ -132,6 +134,27 @@ def test_damaged_state_of_the_newest_checkpoint_names_the_one_to_resume_from(mod
     with pytest.raises(QloraKitError, match=damaged_message(newest, STATE_NAME, earlier)):
         load_checkpoint(newest, model)
     assert _files(tmp_path) == before
+
+
+@pytest.mark.parametrize("file", [WEIGHTS_NAME, CONFIG_NAME])
+def test_damaged_adapter_of_a_checkpoint_is_named(model, tmp_path, file):
+    earlier = save_checkpoint(tmp_path, 2, model, {}, "base", keep_last=2)
+    newest = save_checkpoint(tmp_path, 4, model, {}, "base", keep_last=2)
+    (newest / file).write_bytes((newest / file).read_bytes()[:60])  # read through adapter.read_adapter
+    before = _files(tmp_path)
+    with pytest.raises(QloraKitError, match=damaged_message(newest, file, earlier)):
+        load_checkpoint(newest, model)
+    assert _files(tmp_path) == before
+
+
+def test_checkpoint_adapter_config_is_the_runs_lora_config(model, tmp_path):
+    lora = LoRAConfig(r=4, alpha=8, dropout=0.0, targets="all-linear")
+    path = save_checkpoint(tmp_path, 2, model, {}, "base", keep_last=1, lora=lora)
+    config = json.loads((path / CONFIG_NAME).read_text())
+    assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (4, 8, 0.0)
+    with pytest.raises(QloraKitError, match="is not what the model's LoRA layers hold"):
+        save_checkpoint(tmp_path, 4, model, {}, "base", keep_last=1, lora=LoRAConfig(r=16))
+    assert [c.step for c in list_checkpoints(tmp_path)] == [2]  # nothing half-written, nothing pruned
 
 
 DAMAGED_MARKERS = [

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import shutil
 import stat
@@ -22,12 +23,15 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qlora_kit.adapter import METADATA_NAME, WEIGHTS_NAME, load_adapter, save_adapter
+from qlora_kit.cli import export_main
 from qlora_kit.cli import main as cli_main
 from qlora_kit.errors import QloraKitError
-from qlora_kit.export import ORIGINAL_MERGE_WARNING, export_main, export_merged, parse_size
-from qlora_kit.loading import checkpoint_index, load_model, load_tokenizer, read_tensor
+from qlora_kit.export import ORIGINAL_MERGE_WARNING, export_merged
+from qlora_kit.facts import parse_size
+from qlora_kit.loading import load_model, load_tokenizer
 from qlora_kit.lora import add_lora, lora_layers, merge_lora_weight
 from qlora_kit.quant import NF4Linear
+from qlora_kit.weights import checkpoint_index, read_tensor
 from tests.conftest import save_tiny_checkpoint
 
 IDS = torch.tensor([[5, 17, 33, 250, 7, 99, 12, 3, 64, 128, 1, 200], [9, 8, 7, 6, 5, 4, 3, 2, 300, 301, 302, 303]])
@@ -111,13 +115,17 @@ def test_bf16_export_is_the_dequantized_merge_bit_for_bit(tmp_path):
     torch.testing.assert_close(_logits(exported.float()), _logits(model), rtol=0, atol=1e-2)
 
 
-def test_merge_into_original_warns_and_uses_the_16bit_weights(tmp_path, capsys):
+def _warnings(caplog) -> str:
+    return "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+
+
+def test_merge_into_original_warns_and_uses_the_16bit_weights(tmp_path, caplog):
     base = save_tiny_checkpoint(tmp_path / "base")
     model = _trained(base, tmp_path / "run")
     dequantized = _logits(_hf(_export(tmp_path / "run", tmp_path / "deq", dtype="fp32"), dtype=torch.float32))
-    capsys.readouterr()
+    assert ORIGINAL_MERGE_WARNING not in _warnings(caplog)
     out = _export(tmp_path / "run", tmp_path / "orig", dtype="fp32", merge_into="original")
-    assert ORIGINAL_MERGE_WARNING in capsys.readouterr().err
+    assert ORIGINAL_MERGE_WARNING in _warnings(caplog)
     # The same adapter on the dense (never quantized) base.
     dense = load_model(base, device="cpu", quantize=False)
     load_adapter(dense, tmp_path / "run" / "adapter")
@@ -141,10 +149,10 @@ def test_small_shards_give_an_index_and_load_the_same(tmp_path):
     assert set(index["weight_map"]) == set(single.state_dict())
     tensor_bytes = sum(p.numel() * p.element_size() for p in single.state_dict().values())
     assert index["metadata"]["total_size"] == tensor_bytes
-    for shard in shards:  # a shard holds at most 150 KB of tensors, unless one tensor alone is bigger
+    for shard in shards:  # a shard holds at most 150 KiB of tensors, unless one tensor alone is bigger
         names = [k for k, v in index["weight_map"].items() if v == shard.name]
         size = sum(single.state_dict()[k].numel() * 4 for k in names)
-        assert size <= 150_000 or len(names) == 1
+        assert size <= 150 * 2**10 or len(names) == 1
     sharded = _hf(out, dtype=torch.float32)
     assert torch.equal(_logits(sharded), _logits(single))
     torch.testing.assert_close(_logits(sharded), _logits(model), rtol=0, atol=1e-4)
@@ -400,9 +408,26 @@ def test_cli_and_sizes(tmp_path, capsys):
     torch.testing.assert_close(_logits(_hf(out, dtype=torch.float32)), _logits(model), rtol=0, atol=1e-4)
     with pytest.raises(SystemExit):
         export_main([str(tmp_path / "run"), "--out", str(out), "--dtype", "int8"])
-    assert parse_size("5GB") == 5 * 10**9 and parse_size("500MB") == 5 * 10**8 and parse_size("2GiB") == 2 * 2**30
-    with pytest.raises(QloraKitError, match="500MB"):
-        parse_size("lots")
+    # --max-shard-size follows qlora-kit's one size rule: binary units (5GB = 5 GiB), said in --help.
+    assert parse_size("5GB", "--max-shard-size") == 5 * 2**30 == parse_size("5GiB", "--max-shard-size")
+    assert parse_size("500MB", "--max-shard-size") == 500 * 2**20
+    with pytest.raises(QloraKitError, match=r"--max-shard-size 'lots'.*500MB"):
+        export_merged(tmp_path / "run", tmp_path / "other", max_shard_size="lots")
+    assert not (tmp_path / "other").exists()
+    with pytest.raises(SystemExit):
+        export_main(["--help"])
+    assert "5GB = 5 GiB" in " ".join(capsys.readouterr().out.split())
+
+
+def test_cli_shows_progress_on_stdout_and_warnings_on_stderr(tmp_path, capsys):
+    base = save_tiny_checkpoint(tmp_path / "base")
+    _trained(base, tmp_path / "run")
+    argv = ["export", str(tmp_path / "run"), "--out", str(tmp_path / "export"), "--device", "cpu"]
+    capsys.readouterr()
+    assert cli_main([*argv, "--merge-into", "original", "--max-shard-size", "200KB"]) == 0
+    printed = capsys.readouterr()
+    assert "wrote model-00001-of-00004.safetensors" in printed.out and f"exported {tmp_path / 'export'}" in printed.out
+    assert printed.err == f"warning: {ORIGINAL_MERGE_WARNING}\n"
 
 
 # --- 4-bit exports read back ---------------------------------------------------------------------------------
@@ -438,16 +463,17 @@ def test_nf4_export_loads_into_our_layers_bit_for_bit(tmp_path):
     )
 
 
-def test_nf4_export_warns_where_bitsandbytes_cpu_kernel_cannot_run_it(tmp_path, capsys):
+def test_nf4_export_warns_where_bitsandbytes_cpu_kernel_cannot_run_it(tmp_path, caplog):
     for name, overrides in (("odd", {"intermediate_size": 96}), ("even", {})):
         base = save_tiny_checkpoint(tmp_path / name / "base", **overrides)
         _trained(base, tmp_path / name / "run")
-        capsys.readouterr()
+        caplog.clear()
         _export(tmp_path / name / "run", tmp_path / name / "nf4", quantize="nf4")
-        warned = capsys.readouterr().err
+        warned = _warnings(caplog)
         assert ("not a multiple of 64" in warned and "mlp.down_proj" in warned) == (name == "odd"), warned
+        caplog.clear()
         _export(tmp_path / name / "run", tmp_path / name / "dense")  # no 4-bit, no warning
-        assert "multiple of 64" not in capsys.readouterr().err
+        assert "multiple of 64" not in _warnings(caplog)
 
 
 def _bnb_4bit_checkpoint(dense_dir: Path, out: Path, **options) -> Path:

@@ -16,17 +16,12 @@ import torch
 from torch import nn
 
 from qlora_kit.adapter import METADATA_NAME, load_adapter, save_adapter
+from qlora_kit.cli import generate_main
 from qlora_kit.cli import main as cli_main
 from qlora_kit.errors import QloraKitError
-from qlora_kit.export import TOKENIZER_FILES, export_merged
-from qlora_kit.generate import (
-    REQUANTIZE_NOTE,
-    encode_prompt,
-    fold_lora,
-    generate_main,
-    generate_text,
-    load_for_generation,
-)
+from qlora_kit.export import export_merged
+from qlora_kit.generate import REQUANTIZE_NOTE, encode_prompt, fold_lora, generate_text, load_for_generation
+from qlora_kit.hf_dir import TOKENIZER_FILES
 from qlora_kit.loading import load_model, load_tokenizer
 from qlora_kit.lora import LoRALinear, add_lora, lora_layers
 from qlora_kit.quant import NF4Linear
@@ -129,7 +124,7 @@ def test_fold_lora_gives_dense_layers_and_the_same_logits(adapted):
         torch.testing.assert_close(adapted(ids).logits, before, rtol=0, atol=1e-5)
 
 
-def test_cli_with_adapter_folded_or_not_and_on_the_merged_export(adapted, tiny_dir, tmp_path, capsys):
+def test_cli_with_adapter_folded_or_not_and_on_the_merged_export(adapted, tiny_dir, tmp_path, capsys, caplog):
     save_adapter(adapted, tmp_path / "run" / "adapter", base_model_name_or_path=str(tiny_dir))
     tokenizer = load_tokenizer(tiny_dir)
     expected = generate_text(adapted, tokenizer, "Hello there", "none", max_new_tokens=5)
@@ -151,10 +146,10 @@ def test_cli_with_adapter_folded_or_not_and_on_the_merged_export(adapted, tiny_d
     capsys.readouterr()
     assert generate_main(["--model", str(merged), *common]) == 0
     assert capsys.readouterr().out == answer(load_model(merged, device="cpu", quantize=False))
+    assert REQUANTIZE_NOTE.format(model=merged) not in caplog.text
     assert generate_main(["--model", str(merged), "--quantize", *common]) == 0
-    printed = capsys.readouterr()
-    assert printed.out == answer(load_model(merged, device="cpu"))
-    assert REQUANTIZE_NOTE.format(model=merged) in printed.err
+    assert capsys.readouterr().out == answer(load_model(merged, device="cpu"))
+    assert REQUANTIZE_NOTE.format(model=merged) in caplog.text
 
     # The bitsandbytes 4-bit export (in_features 96 here: bitsandbytes' own CPU forward cannot run it) goes
     # through our loader, with its codes as written; an adapter can even go on top of it.

@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from qlora_kit.adapter import save_adapter
 from qlora_kit.errors import QloraKitError
+from qlora_kit.export import export_merged
 from qlora_kit.loading import load_model, load_tokenizer
+from qlora_kit.lora import add_lora
 from qlora_kit.quant import NF4Linear
+from qlora_kit.weights import checkpoint_index
 from tests.conftest import save_tiny_checkpoint
 
 IDS = torch.tensor([[5, 17, 33, 250, 7, 99, 12, 3]])
@@ -119,6 +126,49 @@ def test_checkpoint_missing_tensors(tmp_path):
     shutil.copy(big / "config.json", small / "config.json")  # config wants a third layer
     message = _error(small)
     assert "missing" in message and "model.layers.2" in message and str(small) in message
+
+
+def _adapter_for(base: Path, directory: Path) -> Path:
+    model = load_model(base, device="cpu")
+    add_lora(model, "attention", r=2, alpha=4, dropout=0.0)
+    return save_adapter(model, directory, str(base))
+
+
+@pytest.mark.parametrize("case", ["missing", "shape"])
+def test_loading_and_export_check_a_base_checkpoint_with_one_check(tmp_path, case):
+    """weights.check_checkpoint, before any weight is read: the same message from load_model and export."""
+    good = save_tiny_checkpoint(tmp_path / "good")
+    adapter = _adapter_for(good, tmp_path / "adapter")
+    if case == "missing":  # config.json wants a third layer the weights do not have
+        bad = save_tiny_checkpoint(tmp_path / "bad")
+        shutil.copy(save_tiny_checkpoint(tmp_path / "deeper", num_hidden_layers=3) / "config.json", bad)
+    else:  # weights of a wider MLP under the config of the good one
+        bad = save_tiny_checkpoint(tmp_path / "bad", intermediate_size=256)
+        shutil.copy(good / "config.json", bad)
+    message = _error(bad)
+    with pytest.raises(QloraKitError) as err:
+        export_merged(adapter, tmp_path / "export", base_model=bad, device="cpu")
+    assert str(err.value) == message and not (tmp_path / "export").exists()
+    if case == "missing":
+        assert f"the checkpoint in {bad} is missing 9 tensors that config.json needs" in message
+        assert "model.layers.2.input_layernorm.weight" in message and "download may be incomplete" in message
+    else:
+        wrong = r"tensor 'model\.layers\.0\.mlp\.\w+_proj\.weight' has shape \((256, 128|128, 256)\) but config"
+        assert re.search(rf"{wrong}\.json implies \((192, 128|128, 192)\); .* do not belong together", message)
+
+
+def test_unused_tensors_are_named_by_loading_and_export(tmp_path, caplog):
+    base = save_tiny_checkpoint(tmp_path / "base")
+    adapter = _adapter_for(base, tmp_path / "adapter")
+    state = load_file(base / "model.safetensors")
+    save_file({**state, "vision_tower.proj.weight": torch.zeros(4, 4)}, base / "model.safetensors")
+    with caplog.at_level(logging.INFO, logger="qlora_kit"):
+        load_model(base, device="cpu")
+        export_merged(adapter, tmp_path / "export", device="cpu")
+    (loaded, note) = [r for r in caplog.records if "vision_tower.proj.weight" in r.getMessage()]
+    assert loaded.levelno == logging.WARNING and "1 tensors in" in loaded.getMessage()
+    assert note.levelno == logging.INFO and "are left out" in note.getMessage()
+    assert "vision_tower.proj.weight" not in checkpoint_index(tmp_path / "export")
 
 
 def test_missing_config(tiny_llama_dir):

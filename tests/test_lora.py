@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -174,3 +176,10 @@ def test_fused_lora_gradcheck():
     for p in (0.0, 0.4):
         fn = lambda x, a, b, p=p: _LoRAFunction.apply(x, a, b, dense, dense.bias, 1.5, p, 77)  # noqa: E731
         assert torch.autograd.gradcheck(fn, (x, a, b))
+
+
+def test_lora_does_not_import_the_loader():
+    """Layering: the loader and LoRA both ask qlora_kit.architecture for the decoder linears; lora stands alone."""
+    code = "import sys, qlora_kit.lora; print('qlora_kit.loading' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "False"
