@@ -33,8 +33,12 @@ def auto_compute_dtype(device_type: str, gpu_bf16: bool = True) -> str:
 
 
 def resolve_adapter_dtype(adapter_dtype: str, compute_dtype: str) -> str:
-    """``auto`` adapter dtype: the compute dtype (so base and adapter run as one fused autograd node)."""
-    return compute_dtype if adapter_dtype == "auto" else adapter_dtype
+    """``auto`` adapter dtype: the compute dtype (so base and adapter run as one fused autograd node), except
+    under fp16 compute: fp32 adapters there, whose gradients dynamic loss scaling can unscale (an fp16 gradient
+    of a small update underflows; torch's GradScaler refuses to unscale fp16 gradients)."""
+    if adapter_dtype != "auto":
+        return adapter_dtype
+    return "fp32" if compute_dtype == "fp16" else compute_dtype
 
 
 # --- optimizers and schedules ------------------------------------------------------------------------------

@@ -63,12 +63,22 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def gpu_has_native_bf16(device: torch.device) -> bool:
+    """Whether the GPU ``device`` (not the current one) computes bf16 natively (Ampere and newer).
+
+    ``torch.cuda.is_bf16_supported()`` also says True for GPUs that only emulate bf16 (T4, V100: slow matmuls,
+    no fused attention), and it asks the current device; so ask the chosen device, without emulation.
+    """
+    with torch.cuda.device(device):
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
     """``auto``: bf16 on a bf16-capable GPU, fp16 on older GPUs, fp32 on CPU (bf16 matmul is slow there)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        dtype = auto_compute_dtype(device.type, device.type == "cuda" and torch.cuda.is_bf16_supported())
+        dtype = auto_compute_dtype(device.type, device.type == "cuda" and gpu_has_native_bf16(device))
     if dtype not in DTYPES:
         raise QloraKitError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPE_CHOICES)}")
     return DTYPES[dtype]

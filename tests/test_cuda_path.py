@@ -1,0 +1,70 @@
+"""Issue 13, the CUDA path: what can be reproduced on a CPU is tested here on a CPU; the rest is marked gpu."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qlora_kit.facts import resolve_adapter_dtype
+from qlora_kit.loading import load_model, resolve_dtype
+from qlora_kit.lora import add_lora, lora_layers
+from qlora_kit.train import TrainState, train_step
+from tests.conftest import gpu, save_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("cuda-path") / "tiny", hidden_size=64, intermediate_size=128)
+
+
+def _adapter_grads(model_dir, dtype: torch.dtype, loss_scaling: bool) -> torch.Tensor:
+    """The adapter gradients of one step over 8192 labelled tokens (so the 1/8192 token weighting is in play)."""
+    torch.manual_seed(0)
+    model = load_model(model_dir, device="cpu", dtype=dtype)
+    add_lora(model, "all-linear", r=8, alpha=16, dropout=0.0, dtype=torch.float32)
+    for layer in lora_layers(model).values():
+        torch.nn.init.normal_(layer.lora_b.weight, std=0.02)  # non-zero B: both A and B get gradients
+    params = [p for p in model.parameters() if p.requires_grad]
+    captured: dict[int, torch.Tensor] = {}
+    for i, param in enumerate(params):
+        param.register_hook(lambda grad, i=i: captured.__setitem__(i, grad.clone()))
+    scaler = torch.amp.GradScaler("cpu") if loss_scaling else None
+    state = TrainState(
+        model=model.train(), params=params, optimizer=torch.optim.SGD(params, lr=0.0), grad_scaler=scaler
+    )
+    ids = torch.randint(3, model.config.vocab_size, (16, 512), generator=torch.Generator().manual_seed(1))
+    train_step(state, [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}])
+    scale = scaler.get_scale() if scaler is not None else 1.0  # the hooks saw the scaled gradients
+    return torch.cat([captured[i].flatten() / scale for i in range(len(params))])
+
+
+def test_fp16_compute_gets_fp32_adapters_and_dynamic_loss_scaling(tiny_dir):
+    """fp16 gradients of a token-weighted loss lose precision (1/8192 scales them toward fp16's subnormals);
+    dynamic loss scaling keeps them: measured here 2.3% vs 0.1% relative error against the fp32 run."""
+    assert resolve_adapter_dtype("auto", "fp16") == "fp32" and resolve_adapter_dtype("auto", "bf16") == "bf16"
+    reference = _adapter_grads(tiny_dir, torch.float32, loss_scaling=False)
+    unscaled = _adapter_grads(tiny_dir, torch.float16, loss_scaling=False)
+    scaled = _adapter_grads(tiny_dir, torch.float16, loss_scaling=True)
+    error = {
+        name: float((g - reference).norm() / reference.norm()) for name, g in (("fp16", unscaled), ("scaled", scaled))
+    }
+    assert error["scaled"] < 0.005 and error["fp16"] > 4 * error["scaled"], error
+
+
+def test_a_run_in_fp16_has_a_grad_scaler_and_checkpoints_it(tmp_path, smollm2_dir):
+    from qlora_kit.config import load_config
+    from qlora_kit.train import prepare, setup
+    from tests.test_train import _overrides
+
+    cfg = load_config(None, _overrides(smollm2_dir, tmp_path / "run", **{"model.compute_dtype": "fp16"}))
+    run = setup(prepare(cfg))
+    assert run.grad_scaler is not None and run.adapter_dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in run.params)
+
+
+@gpu
+@pytest.mark.gpu
+def test_auto_dtype_is_native_bf16_on_the_chosen_gpu():
+    device = torch.device("cuda", torch.cuda.device_count() - 1)
+    native = torch.cuda.get_device_properties(device).major >= 8
+    assert resolve_dtype("auto", device) == (torch.bfloat16 if native else torch.float16)
