@@ -166,7 +166,8 @@ def build_ours(model_dir: str, device, dtype, checkpointing: bool):
 
     from qlora_kit.loading import load_model
     from qlora_kit.lora import add_lora
-    from qlora_kit.train import TrainState, train_step
+    from qlora_kit.run import TrainState
+    from qlora_kit.train import train_step
 
     model = load_model(model_dir, device=device, dtype=dtype)
     add_lora(model, LORA["targets"], LORA["r"], LORA["alpha"], LORA["dropout"], dtype=dtype)

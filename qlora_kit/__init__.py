@@ -33,7 +33,7 @@ _API = {
     "prepare": "qlora_kit.train",
     "setup": "qlora_kit.train",
     "train_step": "qlora_kit.train",
-    "TrainState": "qlora_kit.train",
+    "TrainState": "qlora_kit.run",
     "evaluate": "qlora_kit.train",
     "fit": "qlora_kit.train",
     "finish": "qlora_kit.train",
@@ -85,7 +85,8 @@ if TYPE_CHECKING:
     from qlora_kit.lora import LoRALinear, add_lora
     from qlora_kit.memory import model_shape, plan_memory
     from qlora_kit.quant import NF4Linear
-    from qlora_kit.train import TrainState, evaluate, finish, fit, prepare, setup, train, train_step
+    from qlora_kit.run import TrainState
+    from qlora_kit.train import evaluate, finish, fit, prepare, setup, train, train_step
 
 
 def __getattr__(name: str):

@@ -22,7 +22,6 @@ import random
 import signal
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qlora_kit.adapter import save_adapter
-from qlora_kit.checkpoint import Checkpoint, find_resume_checkpoint, load_checkpoint, save_checkpoint
+from qlora_kit.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
 from qlora_kit.config import RunConfig, load_config, to_yaml
 from qlora_kit.data import BatchPlan, PreparedData, eval_batches, prepare_data, prompt_template
 from qlora_kit.errors import QloraKitError
@@ -41,6 +40,7 @@ from qlora_kit.lora import LoRAReport, add_lora
 from qlora_kit.loss import causal_lm_loss, label_count
 from qlora_kit.memory import check_budget
 from qlora_kit.optim import make_optimizer, make_scheduler, total_steps
+from qlora_kit.run import Run, RunInputs, StepStats, TrainResult, TrainState
 from qlora_kit.runlog import RunLog, memory_gb
 from qlora_kit.samples import reproduce_commands, sample_prompts, write_samples
 
@@ -50,52 +50,6 @@ Phase = Callable[[str], contextlib.AbstractContextManager]  # marks a phase of a
 
 
 # --- setup -----------------------------------------------------------------------------------------------
-
-
-@dataclass(kw_only=True)
-class RunInputs:
-    """What a run needs before its weights are loaded."""
-
-    cfg: RunConfig
-    out: Path
-    device: torch.device
-    dtype: torch.dtype
-    adapter_dtype: torch.dtype
-    tokenizer: Any
-    data: PreparedData
-    batches: BatchPlan
-    total_steps: int
-    resume_from: Checkpoint | None
-    started: float = field(default_factory=time.perf_counter)  # for the run's wall time
-
-    @property
-    def complete(self) -> bool:
-        """An earlier run in ``out`` already took every step and saved its adapter."""
-        done = self.resume_from is not None and self.resume_from.step >= self.total_steps
-        return done and (self.out / "adapter").is_dir()
-
-
-@dataclass(kw_only=True)
-class TrainState:
-    """What ``train_step`` acts on: the model, its trainable parameters, optimizer and schedule, the step."""
-
-    model: nn.Module
-    params: list[nn.Parameter]
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None  # None: the optimizer's lr throughout
-    max_grad_norm: float = 0.0  # 0: no clipping
-    grad_scaler: torch.amp.GradScaler | None = None  # dynamic loss scaling, for fp16 compute
-    step: int = 0
-
-
-@dataclass(kw_only=True)
-class Run(RunInputs, TrainState):
-    """A run ready to fit: its inputs and its training state, plus its metrics log."""
-
-    lora_report: LoRAReport
-    log: RunLog
-    optimizer_name: str  # resolved ("auto" -> what this machine uses), saved with the optimizer's state
-    eval_loss_start: float | None = None
 
 
 def resolve_run_dtypes(cfg: RunConfig) -> tuple[torch.device, torch.dtype, torch.dtype]:
@@ -216,15 +170,6 @@ def _restore_optimizer(run: Run, state: dict[str, Any]) -> None:
 # --- one step --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class StepStats:
-    loss: float  # mean loss per labelled token of the step
-    label_tokens: int
-    tokens: int  # input positions processed, padding included
-    grad_norm: float | None  # before clipping; None when clipping is off
-    lr: float  # the learning rate the step used
-
-
 @contextlib.contextmanager
 def _no_phase(name: str) -> Iterator[None]:
     yield
@@ -291,18 +236,6 @@ def evaluate(model: nn.Module, data: PreparedData, batch_size: int) -> float:
 
 
 # --- the loop ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TrainResult:
-    output_dir: Path
-    steps: int
-    status: str  # "completed" | "interrupted"
-    eval_loss_start: float | None = None
-    eval_loss_end: float | None = None
-    train_losses: list[float] = field(default_factory=list)
-    tokens_per_s: float = 0.0
-    wall_s: float = 0.0
 
 
 class _StopFlag:

@@ -8,7 +8,8 @@ import torch
 from qlora_kit.facts import resolve_adapter_dtype
 from qlora_kit.loading import load_model, resolve_dtype
 from qlora_kit.lora import add_lora, lora_layers
-from qlora_kit.train import TrainState, train_step
+from qlora_kit.run import TrainState
+from qlora_kit.train import train_step
 from tests.conftest import gpu, save_tiny_checkpoint
 
 

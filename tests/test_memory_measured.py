@@ -23,7 +23,8 @@ from qlora_kit.memory import (
     shape_from_config,
 )
 from qlora_kit.optim import make_optimizer, make_scheduler
-from qlora_kit.train import TrainState, train_step
+from qlora_kit.run import TrainState
+from qlora_kit.train import train_step
 from tests.conftest import gpu, save_tiny_checkpoint
 
 RANK, DROPOUT = 16, 0.05

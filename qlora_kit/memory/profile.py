@@ -231,7 +231,8 @@ def profile_run(cfg, steps: int = 3) -> dict:
     from qlora_kit.memory.plan import plan_memory
     from qlora_kit.memory.shapes import shape_from_config
     from qlora_kit.optim import make_optimizer, make_scheduler
-    from qlora_kit.train import TrainState, load_lora_model, prepare, train_step
+    from qlora_kit.run import TrainState
+    from qlora_kit.train import load_lora_model, prepare, train_step
 
     inputs = prepare(cfg)
     loaded: dict[str, torch.nn.Module] = {}
