@@ -45,8 +45,19 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if torch.cuda.is_available():
+        for index, device_state in cuda_rng_to_restore(state.get("cuda", []), torch.cuda.device_count()):
+            torch.cuda.set_rng_state(device_state, index)
+
+
+def cuda_rng_to_restore(saved: list[torch.Tensor], visible: int) -> list[tuple[int, torch.Tensor]]:
+    """(GPU index, state) for each saved GPU RNG state this machine has a GPU for.
+
+    A run resumed with fewer GPUs visible than it saved (another machine, CUDA_VISIBLE_DEVICES) restores the
+    ones it has; ``torch.cuda.set_rng_state_all`` would raise IndexError. Training draws its randomness from the
+    CPU generator (the dropout seeds), so the GPUs' states matter only to code outside qlora-kit.
+    """
+    return list(enumerate(saved[:visible]))
 
 
 @dataclass

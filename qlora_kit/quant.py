@@ -87,6 +87,10 @@ class NF4Linear(nn.Module):
             raise ValueError(
                 f"weight of shape {tuple(weight.shape)} does not fit NF4Linear({self.in_features}, {self.out_features})"
             )
+        if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            # bitsandbytes' CUDA quantize kernel takes only these (an F64 or F8 checkpoint tensor would end in an
+            # UnboundLocalError inside it); fp32 holds F8 and F16 values exactly and F64 ones to fp32 precision.
+            weight = weight.float()
         flat = weight.contiguous().view(-1)
         # Quantized in slices: bitsandbytes' CPU quantizer (plain torch) makes ~16 bytes of fp32/int32
         # temporaries per value, over 1 GB for one 8192x8192 weight, which would dominate the loader's and

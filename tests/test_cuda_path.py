@@ -69,3 +69,44 @@ def test_auto_dtype_is_native_bf16_on_the_chosen_gpu():
     device = torch.device("cuda", torch.cuda.device_count() - 1)
     native = torch.cuda.get_device_properties(device).major >= 8
     assert resolve_dtype("auto", device) == (torch.bfloat16 if native else torch.float16)
+
+
+def test_cuda_rng_states_restore_on_a_machine_with_fewer_gpus():
+    from qlora_kit.checkpoint import cuda_rng_to_restore
+
+    saved = [torch.tensor([i], dtype=torch.uint8) for i in range(4)]  # a run that saved 4 GPUs' states
+    assert [index for index, _ in cuda_rng_to_restore(saved, visible=1)] == [0]
+    assert [index for index, _ in cuda_rng_to_restore(saved, visible=8)] == [0, 1, 2, 3]
+    assert cuda_rng_to_restore([], visible=2) == []  # saved on a CPU machine
+
+
+@gpu
+@pytest.mark.gpu
+def test_set_rng_state_takes_more_saved_gpus_than_visible():
+    from qlora_kit.checkpoint import rng_state, set_rng_state
+
+    state = rng_state()
+    state["cuda"] = state["cuda"] + [state["cuda"][0]] * 8  # as if saved on a machine with 8 more GPUs
+    set_rng_state(state)  # torch.cuda.set_rng_state_all would raise IndexError
+
+
+@pytest.mark.parametrize("stored", [torch.float64, torch.float8_e4m3fn])
+def test_weights_in_f64_or_f8_quantize_as_their_fp32_values(stored):
+    from qlora_kit.quant import NF4Linear
+
+    weight = (torch.randn(64, 128, generator=torch.Generator().manual_seed(0)) * 0.05).to(stored)
+    layer = NF4Linear.from_weight(weight)  # the loader and export quantize through here
+    reference = NF4Linear.from_weight(weight.float())
+    assert torch.equal(layer.codes, reference.codes) and torch.equal(layer.absmax_codes, reference.absmax_codes)
+    assert torch.equal(layer.dequantize(), reference.dequantize())
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("stored", [torch.float64, torch.float8_e4m3fn])
+def test_weights_in_f64_or_f8_quantize_on_cuda(stored):
+    from qlora_kit.quant import NF4Linear
+
+    weight = (torch.randn(64, 128, device="cuda") * 0.05).to(stored)
+    layer = NF4Linear.from_weight(weight)  # bitsandbytes' CUDA kernel takes only bf16/fp16/fp32
+    assert torch.equal(layer.dequantize(), NF4Linear.from_weight(weight.float()).dequantize())

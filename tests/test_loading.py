@@ -191,6 +191,7 @@ def _train_error(model_dir: Path, out: Path) -> str:
         REPO / "recipes" / "smollm2_alpaca.yaml",
         [
             f"model.name_or_path={model_dir}",
+            "model.device=cpu",
             f"output.dir={out}",
             f"data.path={REPO / 'recipes/data/text_tools_train.jsonl'}",
             f"data.val_path={REPO / 'recipes/data/text_tools_val.jsonl'}",

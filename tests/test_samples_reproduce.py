@@ -58,6 +58,7 @@ def test_after_training_samples_are_what_generate_prints(tiny_model_dir, tmp_pat
     run = tmp_path / "run"
     overrides = {
         "model.name_or_path": tiny_model_dir,
+        "model.device": "cpu",
         "model.compute_dtype": "fp32",
         "data.path": train_file,
         "data.val_path": val_file,

@@ -46,6 +46,7 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir) -> Path:
 def _overrides(model_dir: Path, out: Path, **extra) -> list[str]:
     values = {
         "model.name_or_path": model_dir,
+        "model.device": "cpu",  # CPU tests stay on the CPU on a GPU machine too (auto would pick the GPU)
         "data.path": TOOLS / "text_tools_train.jsonl",
         "data.val_path": TOOLS / "text_tools_val.jsonl",
         "data.max_samples": 48,
