@@ -23,6 +23,7 @@ from qlora_kit.memory import (
     recipe_overrides,
     step_moments,
 )
+from tests.test_train import tiny_model_dir  # noqa: F401 (a fixture)
 
 LLAMA_7B, LLAMA_65B = PRESETS["llama-7b"], PRESETS["llama-65b"]
 
@@ -104,14 +105,14 @@ def test_planned_weights_equal_a_loaded_model_byte_for_byte(tmp_path, family, ov
 # --- the activation model, against the tensors autograd really keeps ----------------------------------------
 
 
-def _saved_bytes(model, tokens: torch.Tensor) -> int:
+def _saved_bytes(model, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> int:
     """Bytes of every distinct storage the autograd graph of the decoder keeps, parameters excluded.
 
     The decoder alone (``model.model``): the chunked loss checkpoints its chunks, and reading the saved
     tensors of a checkpointed node would recompute it; the loss path is measured with the profiler in
     tests/test_memory_measured.py.
     """
-    output = model.model(input_ids=tokens).last_hidden_state.sum()  # SumBackward keeps no tensor
+    output = model.model(input_ids=tokens, attention_mask=attention_mask).last_hidden_state.sum()  # keeps nothing
     weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     kept: dict[int, int] = {}
     stack, seen = [output.grad_fn], set()
@@ -130,15 +131,24 @@ def _saved_bytes(model, tokens: torch.Tensor) -> int:
     return sum(kept.values())
 
 
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_activation_model_matches_saved_tensors_on_cpu(tmp_path, dropout):
+def test_activation_model_matches_saved_tensors_on_cpu(tmp_path, dropout, padded):
+    """With padding (a 4-D mask), the GQA model (4 heads, 2 kv heads) keeps k and v at the query's width and
+    each layer keeps an additive fp32 mask: the padded plan must match that, the unpadded one must not."""
     _, model = _loaded_tiny_model(tmp_path, "llama", dropout=dropout)
     model.train()
     batch, seq = 2, 64
-    measured = _saved_bytes(model, torch.randint(3, 300, (batch, seq)))
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[1, 40:] = 0 if padded else 1  # the second row padded after 40 tokens
+    measured = _saved_bytes(model, torch.randint(3, 300, (batch, seq)), mask)
     shape = model_shape_from_model(model)
     knobs = dict(seq_len=seq, batch_size=batch, rank=8, checkpointing=False, lora_dropout=dropout)
-    plan = plan_memory(shape, **knobs, device="cpu")
+    plan = plan_memory(shape, **knobs, device="cpu", padded=padded)
+    other = plan_memory(shape, **knobs, device="cpu", padded=not padded)
+    # per layer: k, v at the query's width instead of kv width, and a b x 1 x s x s fp32 mask
+    extra = 2 * 4 * batch * seq * (shape.heads - shape.kv_heads) * shape.head_dim + 4 * batch * seq * seq
+    assert _row(plan, "saved activations") - _row(other, "saved activations") == (extra if padded else -extra) * 2
     # the layers, the final norm's fp32 input + rsqrt, rope cos/sin (fp32)
     planned = _row(plan, "saved activations") + batch * seq * 4 * (shape.hidden + 1) + 2 * seq * 4 * shape.head_dim
     # The plan counts layer 0's smaller share (its input needs no grad: first norm and q/k/v masks keep
@@ -153,9 +163,11 @@ def model_shape_from_model(model):
 
 
 def test_checkpointing_reduces_activations():
-    kw = dict(seq_len=2048, batch_size=4)
+    kw = dict(seq_len=2048, batch_size=4)  # 4 rows: padded by default, so the checkpoints hold the 4-D bool mask
     on, off = plan_memory(LLAMA_7B, checkpointing=True, **kw), plan_memory(LLAMA_7B, checkpointing=False, **kw)
-    assert _row(on, "checkpointed layer inputs") == 32 * 2048 * 4 * 4096 * 2
+    assert _row(on, "checkpointed layer inputs") == 32 * 2048 * 4 * 4096 * 2 + 4 * 2048 * 2048
+    unpadded = plan_memory(LLAMA_7B, checkpointing=True, **kw, padded=False)
+    assert _row(unpadded, "checkpointed layer inputs") == 32 * 2048 * 4 * 4096 * 2
     assert _row(on, "checkpointed layer inputs") < _row(off, "saved activations") / 10
     assert on.total < off.total
 
@@ -327,7 +339,7 @@ def test_65b_at_24_gib_says_the_weights_alone_are_over_and_suggests_nothing_that
     assert plan.weight_bytes / 1e9 == pytest.approx(34.46, abs=0.01)
     assert (
         "the 4-bit weights and embeddings alone are 34.5 GB (32.09 GiB), more than the 24 GiB budget: no batch, "
-        "sequence, checkpointing, rank, target or optimizer setting can fit; this run as planned needs 42.24 GiB"
+        "sequence, checkpointing, rank, target or optimizer setting can fit; this run as planned needs 42.31 GiB"
     ) in out
     advice = out[out.index("what fits") :].splitlines()[1:]
     assert advice == ["  - a 48 GiB GPU"]  # rank / 4, seq / 2 ... saved some MB but never reached 24 GiB
@@ -341,7 +353,7 @@ def test_fixed_part_over_budget_drops_activation_knobs_and_combines_the_others()
     assert "no batch, sequence or checkpointing setting can fit" in plan.limits()
     changes = [s.change for s in plan.suggestions]
     assert changes == [
-        "paged_adamw_8bit optimizer, rank 64 -> 16, seq 2048 -> 355",  # the fewest knobs, least invasive first
+        "paged_adamw_8bit optimizer, rank 64 -> 16, seq 2048 -> 322",  # the fewest knobs, least invasive first
         "a 24 GiB GPU",
     ]
     for s in plan.suggestions:  # every one listed fits when replanned
@@ -379,7 +391,7 @@ def test_the_transient_note_gives_each_moments_total_not_differences():
 def test_max_with_nothing_fitting_says_why_and_exits_3(capsys):
     assert plan_main(["--model", "llama-7b", "--gpu", "4GB", "--max", "batch"]) == EXIT_DOES_NOT_FIT
     out = capsys.readouterr().out
-    assert out.startswith("no batch fits in 4 GiB: not even batch 1 (6.09 GiB planned)")
+    assert out.startswith("no batch fits in 4 GiB: not even batch 1 (6.15 GiB planned)")
     assert "optimizer states and runtime alone are 6.0 GB" in out
     assert plan_main(["--model", "llama-65b", "--gpu", "24GB", "--max", "seq", "--json"]) == EXIT_DOES_NOT_FIT
     assert json.loads(capsys.readouterr().out) == {"seq": 0}
@@ -393,3 +405,99 @@ def test_model_shape_of_the_real_smollm2(smollm2_dir):
     assert (shape.hidden, shape.layers, shape.heads, shape.kv_heads, shape.ffn) == (576, 30, 9, 3, 1536)
     assert shape.tied and shape.vocab == 49152 and shape.head_dim == 64
     assert math.isclose(shape.params, 134_515_008)
+
+
+# --- CUDA: cuBLAS workspaces, paged states, padded batches, the assumed figures -------------------------------
+
+
+def test_cuda_plans_count_two_cublas_workspaces_by_torchs_size_rule(monkeypatch):
+    """torch takes the workspaces from its caching allocator: they are tensor bytes (in max_memory_allocated),
+    in every step phase (not the load) and in the fixed part; their size follows CUBLAS_WORKSPACE_CONFIG."""
+    from qlora_kit.memory.plan import cublas_workspace_size
+
+    assert cublas_workspace_size(None) == 32 * 2**20  # Hopper (sm90): 4096 KiB x 8
+    assert cublas_workspace_size(None, hopper=False) == 8 * 2**20 + 128 * 2**10  # ":4096:2:16:8"
+    assert cublas_workspace_size(":4096:8") == 32 * 2**20 and cublas_workspace_size(":16:8") == 128 * 2**10
+    assert cublas_workspace_size(":4096:2:16:8") == cublas_workspace_size(None, hopper=False)
+    assert cublas_workspace_size("garbage") == 32 * 2**20  # torch warns and keeps its default
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    plan = plan_memory(LLAMA_7B)
+    row = _row(plan, "cuBLAS workspaces")
+    assert row == 2 * 32 * 2**20 and plan.settings["cublas_workspace_bytes"] == 32 * 2**20
+    runtime = sum(r.bytes for r in plan.rows if r.category == "runtime")
+    assert plan.tensor_bytes == plan.total - runtime - plan.pageable_bytes  # the row is in tensor_bytes
+    weights = plan.weight_bytes + _row(plan, "LoRA parameters")
+    assert plan.phases["load"] == weights  # no matmul before the first step
+    assert plan.phases["optimizer step"] == weights + row + _row(plan, "LoRA gradients") + 0  # paged states out
+    assert row <= plan.fixed_bytes - plan.weight_bytes
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    assert _row(plan_memory(LLAMA_7B), "cuBLAS workspaces") == 2 * 128 * 2**10
+    assert _row(plan_memory(LLAMA_7B, cublas_workspace_bytes=1000), "cuBLAS workspaces") == 2000
+    assert not any(r.item == "cuBLAS workspaces" for r in plan_memory(LLAMA_7B, device="cpu").rows)
+
+
+def test_a_bad_workspace_size_or_padded_value_is_one_clear_error():
+    with pytest.raises(QloraKitError, match="cublas_workspace_bytes must be a byte count >= 0, not -1"):
+        plan_memory(LLAMA_7B, cublas_workspace_bytes=-1)
+    with pytest.raises(QloraKitError, match=r"padded must be true, false or null \(by batch size\), not 'yes'"):
+        plan_memory(LLAMA_7B, padded="yes")
+
+
+def test_paged_states_are_the_big_tensors_and_outside_the_measured_bytes():
+    """bitsandbytes pages the states of parameters of >= 1e5 values only; those are pageable_bytes, left out of
+    tensor_bytes and the phases (max_memory_allocated cannot see managed memory), and still in the total."""
+    n = lora_param_count(LLAMA_7B, 64, "all-linear")
+    paged = plan_memory(LLAMA_7B, rank=64, optimizer="paged_adamw_32bit")
+    assert paged.pageable_bytes == 8 * n == _row(paged, "paged_adamw_32bit states")  # every A/B >= 262,144
+    assert "paged: 1,279.3 MB of them" in next(r.note for r in paged.rows if r.category == "optimizer")
+    runtime = sum(r.bytes for r in paged.rows if r.category == "runtime")
+    assert paged.tensor_bytes == paged.total - runtime - paged.pageable_bytes
+    device_part = paged.weight_bytes + _row(paged, "LoRA parameters") + _row(paged, "cuBLAS workspaces")
+    assert paged.phases["optimizer step"] == device_part + _row(paged, "LoRA gradients")  # no states in it
+    small = plan_memory(LLAMA_7B, rank=8, optimizer="paged_adamw_32bit")  # A: 32,768, B: <= 88,064 values
+    assert small.pageable_bytes == 0 and "paged:" not in next(r.note for r in small.rows if r.category == "optimizer")
+    eight = plan_memory(LLAMA_7B, rank=64, optimizer="paged_adamw_8bit")
+    assert eight.pageable_bytes == 2 * n < _row(eight, "paged_adamw_8bit states")  # absmax stays on the device
+    ffn_only = plan_memory(LLAMA_7B, rank=16, targets=["down_proj"], optimizer="paged_adamw_32bit")
+    assert ffn_only.pageable_bytes == 32 * 8 * 16 * 11008  # A 16 x 11008 paged, B 4096 x 16 not
+    assert plan_memory(LLAMA_7B, device="cpu", optimizer="adamw").pageable_bytes == 0
+
+
+def test_padded_batches_keep_kv_at_the_query_width_and_a_mask_per_layer():
+    llama3 = PRESETS["llama-3-8b"]  # 32 heads, 8 kv heads
+    kw = dict(seq_len=1001, batch_size=4, checkpointing=False)
+    padded, unpadded = plan_memory(llama3, **kw), plan_memory(llama3, **kw, padded=False)
+    assert padded.settings["padded"] is None  # by batch size: replans with another batch decide again
+    q, kv, tokens = 4096, 1024, 4 * 1001
+    per_layer = tokens * (2 * 2 * (q - kv) + 2 * 1008)  # k, v at q width; the bf16 mask, 1001 -> 1008 columns
+    assert _row(padded, "saved activations") - _row(unpadded, "saved activations") == 32 * per_layer
+    assert "(padded: 4-D attention mask)" in padded.title() and "padded" not in unpadded.title()
+    assert (
+        plan_memory(llama3, seq_len=1000, batch_size=1).total == plan_memory(llama3, seq_len=1000, padded=False).total
+    )
+    one_row_packed = plan_memory(llama3, seq_len=1000, batch_size=1, padded=True, checkpointing=True)
+    assert _row(one_row_packed, "checkpointed layer inputs") == 32 * 1000 * 4096 * 2 + 1000 * 1000
+    assert plan_memory(llama3, **one_row_packed.settings) == one_row_packed  # the settings replan it
+
+
+def test_the_plans_output_names_its_unmeasured_assumptions():
+    cuda, cpu = plan_memory(LLAMA_7B), plan_memory(LLAMA_7B, device="cpu")
+    line = "Assumed, not yet measured on a GPU: the allocator slack (10% of gradients + activations + transient)"
+    line += ", the CUDA context (500 MB) and the cuBLAS workspaces (2 of them)"
+    assert line in cuda.table() and line in cuda.to_markdown()
+    assert (
+        "Assumed: the allocator slack (10% of gradients + activations + transient) and the process runtime"
+        in cpu.table()
+    )
+    assert "not yet measured on a GPU" not in cpu.table()
+
+
+def test_plan_run_plans_packed_rows_as_padded_and_several_rows_by_default(tiny_model_dir, tmp_path):  # noqa: F811
+    from qlora_kit.memory import plan_run
+    from tests.test_memory_budget import _prepared
+
+    cfg, data = _prepared(tiny_model_dir, tmp_path)  # 4 rows, no packing
+    plan = plan_run(cfg, data)
+    assert plan.settings["padded"] is None and plan.settings["batch_size"] == 4 and "(padded" in plan.title()
+    cfg, data = _prepared(tiny_model_dir, tmp_path / "p", **{"data.packing": True, "train.micro_batch_size": 1})
+    assert plan_run(cfg, data).settings["padded"] is True

@@ -4,6 +4,12 @@ It follows our own stack (``quant.NF4Linear`` + ``lora.LoRALinear`` inside trans
 layers with SDPA, the chunked loss of ``train.causal_lm_loss``) and keeps every coefficient in
 ``ACTIVATION_COEFFS`` so it can be calibrated against measurement (docs/memory.md, "Activations" and
 "Transients"). ``step_moments`` gives the candidate peaks of a step; the plan's peak is the largest.
+
+Padded batches (``is_padded``) take another attention path: transformers 5.24 builds a 4-D mask for them
+(``masking_utils.sdpa_mask``; also for packed rows holding several examples), and with a mask
+``integrations/sdpa_attention.use_gqa_in_sdpa`` is False on CUDA and CPU, so ``repeat_kv`` copies k and v to
+the query's width and SDPA saves them at that width, together with the additive mask it makes from the
+boolean one in the compute dtype (torch's ``convert_boolean_attn_mask``), one per layer.
 """
 
 from __future__ import annotations
@@ -36,26 +42,61 @@ ACTIVATION_COEFFS: dict[str, float] = {
     # grad of the hidden states; backward scales that grad and scatters it back (hidden-wide tensors).
     "loss_forward_fp32_vocab": 2,
     "loss_backward_hidden": 3,
+    # Assumed, not measured on a GPU yet (every CUDA plan says so: render.plan_assumptions):
     "allocator_slack": 0.10,  # caching-allocator fragmentation, fraction of the dynamic part
-    "cuda_context_bytes": 500 * MB,  # CUDA context + cuBLAS workspace (device cuda)
+    "cuda_context_bytes": 500 * MB,  # driver context, kernels, library handles: outside torch's allocator
+    # torch keeps one cuBLAS workspace per (cuBLAS handle, stream), from its caching allocator, so
+    # max_memory_allocated counts them; handles are per thread, and a step runs matmuls on two threads: the
+    # caller's (forward) and autograd's device thread (backward, checkpoint recomputation). Size: plan's
+    # cublas_workspace_size.
+    "cublas_workspaces": 2,
     "cpu_runtime_bytes": 400 * MB,  # Python + torch + transformers + bitsandbytes imported (device cpu)
 }
 
 
+def is_padded(settings: dict) -> bool:
+    """Whether the plan's batches carry a 4-D attention mask: ``settings["padded"]``, or when that is None
+    (the default), whenever a batch has more than one row (rows padded to the longest one)."""
+    padded = settings.get("padded")
+    return settings["batch_size"] > 1 if padded is None else bool(padded)
+
+
+def mask_width(seq: int, device: str) -> int:
+    """Columns of the additive mask SDPA keeps per query row: on CUDA the memory-efficient kernel (the one
+    that takes a mask) pads the last dimension to a multiple of 8 (torch's ``preprocess_mask``)."""
+    return -(-seq // 8) * 8 if device == "cuda" else seq
+
+
 def layer_activation_bytes(
-    shape: ModelShape, *, c: int, a: int, rank: int, targets: tuple[str, ...], dropout: float, device: str
+    shape: ModelShape,
+    *,
+    c: int,
+    a: int,
+    rank: int,
+    targets: tuple[str, ...],
+    dropout: float,
+    device: str,
+    padded: bool = False,
+    seq: int = 0,
 ) -> dict[str, float]:
-    """Bytes one decoder layer keeps for backward, per token, nothing checkpointed; c, a: dtype bytes."""
+    """Bytes one decoder layer keeps for backward, per token, nothing checkpointed; c, a: dtype bytes.
+
+    ``padded``: the batch has a 4-D mask (module notes): k and v are kept at the query's width, and one
+    row of the ``b x 1 x seq x seq`` additive mask per token (``seq`` columns) is kept too.
+    """
     k = ACTIVATION_COEFFS
     h, f, heads = shape.hidden, shape.ffn, shape.heads
     q, kv = heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    kv_kept = q if padded else kv  # repeat_kv's copies (a no-op without GQA, where kv == q)
     # The NF4 base path keeps nothing (frozen weight, dequantized again in backward); RoPE keeps only
     # cos/sin, shared by all layers (counted once, with the logits); residual adds keep nothing.
     terms = {
         "norms": k["norm_fp32_copies"] * 4 * (h + 1),
-        "attention": k["sdpa_saved_tensors"] * c * (2 * q + 2 * kv) + k["sdpa_lse_fp32_per_head"] * 4 * heads,
+        "attention": k["sdpa_saved_tensors"] * c * (2 * q + 2 * kv_kept) + k["sdpa_lse_fp32_per_head"] * 4 * heads,
         "mlp": k["mlp_ffn_tensors"] * c * f,
     }
+    if padded:
+        terms["attention mask"] = c * mask_width(seq, device)
     # LoRA path x -> dropout -> A -> B. With adapters in the compute dtype, LoRALinear runs base + adapter as
     # one autograd node (lora._LoRAFunction) that keeps x itself, shared by the adapters that read the same
     # tensor (q/k/v the first norm's output, gate/up the second's; o reads SDPA's output, already kept), and
@@ -75,9 +116,10 @@ def layer_activation_bytes(
 
 
 def first_layer_savings(
-    shape: ModelShape, *, c: int, a: int, rank: int, targets: tuple[str, ...], dropout: float, device: str
+    shape: ModelShape, *, c: int, a: int, rank: int, targets: tuple[str, ...], dropout: float, device: str, **_: object
 ) -> int:
-    """Bytes per token the first decoder layer keeps less than the others (``layer_activation_bytes``).
+    """Bytes per token the first decoder layer keeps less than the others (``layer_activation_bytes``; takes
+    its keyword arguments, padded and seq included, which change nothing here).
 
     Its input is the frozen embedding's output, which needs no grad: its first RMSNorm keeps nothing
     (fp32 input, rsqrt), and the dropouts of the adapters reading that norm's output (q, k, v) keep no mask.
@@ -113,18 +155,33 @@ class _Step:
     labelled: int  # positions that reach the loss
     checkpointing: bool
     dropout: bool
+    padded: bool  # a 4-D attention mask (is_padded)
     layer_knobs: dict  # the keyword arguments of layer_activation_bytes / first_layer_savings
 
     @classmethod
     def of(cls, settings: dict) -> _Step:
-        c, a = DTYPE_BYTES[settings["compute_dtype"]], DTYPE_BYTES[settings["adapter_dtype"]]
+        knobs = activation_knobs(settings)
         b, s = settings["batch_size"], settings["seq_len"]
         labelled = settings.get("label_tokens")
         labelled = b * (s - 1) if labelled is None else labelled
-        knobs = dict(c=c, a=a, rank=settings["rank"], targets=target_linears(settings["targets"]))
-        knobs |= dict(dropout=settings["lora_dropout"], device=settings["device"])
         drop = settings["lora_dropout"] > 0
-        return cls(c, a, b, s, b * s, labelled, settings["checkpointing"], drop, knobs)
+        return cls(
+            knobs["c"], knobs["a"], b, s, b * s, labelled, settings["checkpointing"], drop, knobs["padded"], knobs
+        )
+
+
+def activation_knobs(settings: dict) -> dict:
+    """The keyword arguments of ``layer_activation_bytes`` / ``first_layer_savings`` for a plan's settings."""
+    knobs = dict(c=DTYPE_BYTES[settings["compute_dtype"]], a=DTYPE_BYTES[settings["adapter_dtype"]])
+    knobs |= dict(rank=settings["rank"], targets=target_linears(settings["targets"]))
+    knobs |= dict(dropout=settings["lora_dropout"], device=settings["device"])
+    return knobs | dict(padded=is_padded(settings), seq=settings["seq_len"])
+
+
+def checkpointed_mask_bytes(batch: int, seq: int, padded: bool) -> int:
+    """A padded batch under checkpointing: transformers' boolean 4-D mask (b x 1 x s x s), which the
+    layers' checkpoints hold until the last recomputation (without checkpointing it dies with the forward)."""
+    return batch * seq * seq if padded else 0
 
 
 def _activations(shape: ModelShape, step: _Step) -> tuple[float, float, float]:
@@ -132,7 +189,8 @@ def _activations(shape: ModelShape, step: _Step) -> tuple[float, float, float]:
     one_layer = step.tokens * sum(layer_activation_bytes(shape, **step.layer_knobs).values())
     if step.checkpointing:  # each layer keeps its input; the rest is recomputed in backward
         layer_kept = step.tokens * shape.hidden * step.c
-        return one_layer, layer_kept, shape.layers * layer_kept
+        mask = checkpointed_mask_bytes(step.batch, step.seq, step.padded)
+        return one_layer, layer_kept + mask, shape.layers * layer_kept + mask
     first_less = step.tokens * first_layer_savings(shape, **step.layer_knobs)
     return one_layer, one_layer, shape.layers * one_layer - first_less
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import re
 from dataclasses import dataclass, field
 
 from qlora_kit.errors import QloraKitError
@@ -25,13 +27,24 @@ from qlora_kit.facts import (
     nf4_bytes,
     resolve_adapter_dtype,
 )
-from qlora_kit.memory.activations import ACTIVATION_COEFFS, Moment, layer_activation_bytes, step_moments
+from qlora_kit.memory.activations import (
+    ACTIVATION_COEFFS,
+    Moment,
+    activation_knobs,
+    checkpointed_mask_bytes,
+    is_padded,
+    layer_activation_bytes,
+    step_moments,
+)
 from qlora_kit.memory.shapes import ModelShape, checkpoint_shape, target_linears
 
 logger = logging.getLogger(__name__)
 
-FIXED = ("LoRA parameters", "CUDA context", "process runtime")  # rows outside weights/optimizer that no
-# batch, sequence or checkpointing knob changes (MemoryPlan.fixed_bytes)
+FIXED = ("LoRA parameters", "cuBLAS workspaces", "CUDA context", "process runtime")  # rows outside
+# weights/optimizer that no batch, sequence or checkpointing knob changes (MemoryPlan.fixed_bytes)
+PAGED_MIN_NUMEL = 100_000  # bitsandbytes pages a state only for parameters of >= 1e5 values (get_state_buffer)
+CUBLAS_WORKSPACE_SM90 = 4096 * 8 * 1024  # torch's default per workspace on Hopper (sm90): 32 MiB
+CUBLAS_WORKSPACE_OLDER = 4096 * 1024 * 2 + 16 * 1024 * 8  # before Hopper: ":4096:2:16:8", 8 MiB + 128 KiB
 VARIED = {"batch_size": "batch", "seq_len": "seq"}  # the knobs max_fitting searches, and their names there
 VARY_KEYS = {name: key for key, name in VARIED.items()}  # max_fitting's vary= -> the knob
 
@@ -71,8 +84,9 @@ class MemoryPlan:
     @property
     def tensor_bytes(self) -> int:
         """The peak of allocated tensors: what ``torch.cuda.max_memory_allocated`` (or, on CPU, the
-        profiler's count of live tensor bytes) measures; the total less the runtime rows."""
-        return sum(row.bytes for row in self.rows if row.category != "runtime")
+        profiler's count of live tensor bytes) measures; the total less the runtime rows and less the paged
+        optimizer states, which bitsandbytes keeps in CUDA managed memory, outside torch's allocator."""
+        return sum(row.bytes for row in self.rows if row.category != "runtime") - self.pageable_bytes
 
     @property
     def fits(self) -> bool | None:
@@ -156,6 +170,27 @@ def _optimizer_bytes(shape: ModelShape, rank: int, targets: tuple[str, ...], opt
     return total * shape.layers
 
 
+def _paged_bytes(shape: ModelShape, rank: int, targets: tuple[str, ...], optimizer: str) -> int:
+    """The optimizer states bitsandbytes puts in CUDA managed memory (``F.get_paged``: cudaMallocManaged,
+    wrapped as CPU-typed tensors): state1 and state2 of each parameter of at least ``PAGED_MIN_NUMEL``
+    values (smaller ones, and the 8-bit absmax, are ordinary device tensors). 0 for other optimizers."""
+    if not optimizer.startswith("paged"):
+        return 0
+    per_value = 2 if optimizer.endswith("8bit") else 8  # 2 uint8 or 2 fp32 states
+    numels = [n for o, i in (shape.linears()[name] for name in targets) for n in (rank * i, o * rank)]
+    return shape.layers * sum(per_value * n for n in numels if n >= PAGED_MIN_NUMEL)
+
+
+def cublas_workspace_size(config: str | None, hopper: bool = True) -> int:
+    """Bytes of one cuBLAS workspace by torch 2.13's rule (``parseChosenWorkspaceSize`` in
+    ``aten/src/ATen/cuda/CublasHandlePool.cpp``): the ``:SIZE:COUNT`` pairs of ``CUBLAS_WORKSPACE_CONFIG``
+    (SIZE KiB x COUNT, summed), else 32 MiB on Hopper (``hopper``) and 8 MiB + 128 KiB before it."""
+    pairs = re.findall(r":([0-9]+):([0-9]+)", config or "")
+    if pairs:
+        return sum(int(size) * 1024 * int(count) for size, count in pairs)
+    return CUBLAS_WORKSPACE_SM90 if hopper else CUBLAS_WORKSPACE_OLDER
+
+
 # --- the plan ------------------------------------------------------------------------------------------------
 
 
@@ -181,6 +216,13 @@ def _resolved(settings: dict) -> dict:
     target_linears(settings["targets"])  # refuses what the planner cannot shape
     if not isinstance(settings["targets"], str):
         settings["targets"] = list(settings["targets"])
+    if settings["padded"] not in (None, True, False):
+        raise QloraKitError(f"padded must be true, false or null (by batch size), not {settings['padded']!r}")
+    workspace = settings["cublas_workspace_bytes"]
+    if device == "cuda" and workspace is None:  # torch reads the same variable when it makes a workspace
+        settings["cublas_workspace_bytes"] = cublas_workspace_size(os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    elif workspace is not None and (not isinstance(workspace, int) or workspace < 0):
+        raise QloraKitError(f"cublas_workspace_bytes must be a byte count >= 0, not {workspace!r}")
     return settings
 
 
@@ -208,8 +250,13 @@ def _adapter_rows(shape: ModelShape, s: dict, n_lora: int, optimizer_bytes: int,
     grads = f"{a * n_lora / MB:,.1f} MB in all (one .grad per LoRA parameter, {dtype}); live at the peak"
     states = "2 uint8 states + fp32 absmax per 256: ~2 B/param" if "8bit" in optimizer else "2 fp32 states: 8 B/param"
     states = f"torch AdamW: 2 states in {dtype}" if optimizer == "adamw" else states
-    if optimizer.startswith("paged"):
-        states += "; paged: may all move to host RAM under pressure"
+    paged = _paged_bytes(shape, s["rank"], target_linears(s["targets"]), optimizer) if s["device"] == "cuda" else 0
+    if paged:
+        states += (
+            f"; paged: {paged / MB:,.1f} MB of them (tensors of >= {PAGED_MIN_NUMEL:,} values) in CUDA managed "
+            "memory, resident unless evicted to host RAM under pressure; outside torch's allocator, so not in "
+            "torch.cuda.max_memory_allocated nor in the planned phases"
+        )
     return [
         Row("adapters", "LoRA parameters", a * n_lora, params),
         Row("adapters", "LoRA gradients", at.gradients, f"{grads}: backward creates them as it frees activations"),
@@ -226,12 +273,13 @@ def _activation_rows(shape: ModelShape, s: dict, moments: dict[str, Moment], pea
     at, c, L = moments[peak], DTYPE_BYTES[s["compute_dtype"]], shape.layers
     tokens = s["batch_size"] * s["seq_len"]
     if s["checkpointing"]:  # non-reentrant per-layer checkpointing keeps each layer's input, recomputes the rest
+        mask = checkpointed_mask_bytes(s["batch_size"], s["seq_len"], is_padded(s))
         note = f"{L} layers x b*s*hidden in {s['compute_dtype']}"
-        note += _live(at.activations, L * tokens * shape.hidden * c)
+        note += f" + the boolean 4-D attention mask, b*s*s ({mask / MB:,.1f} MB)" if mask else ""
+        note += _live(at.activations, L * tokens * shape.hidden * c + mask)
         rows = [Row("activations", "checkpointed layer inputs", int(at.activations), note)]
     else:
-        knobs = dict(c=c, a=DTYPE_BYTES[s["adapter_dtype"]], rank=s["rank"], targets=target_linears(s["targets"]))
-        terms = layer_activation_bytes(shape, **knobs, dropout=s["lora_dropout"], device=s["device"])
+        terms = layer_activation_bytes(shape, **activation_knobs(s))
         detail = ", ".join(f"{name} {b * tokens / MB:,.1f}" for name, b in terms.items())
         note = f"{L} layers x ({detail}) MB, less what layer 0 keeps not (its input needs no grad)"
         note += _live(at.activations, moments["forward"].activations)
@@ -257,14 +305,27 @@ def _runtime_rows(rows: list[Row], device: str) -> list[Row]:
     note = f"assumed {k['allocator_slack']:.0%} of gradients + activations + transient (fragmentation)"
     slack = Row("runtime", "allocator slack", int(k["allocator_slack"] * dynamic), note)
     if device == "cuda":
-        runtime = Row(
-            "runtime", "CUDA context", int(k["cuda_context_bytes"]), "assumed: CUDA context + cuBLAS workspace"
-        )
+        note = "assumed: the driver's context, kernels and library handles (outside torch's allocator)"
+        runtime = Row("runtime", "CUDA context", int(k["cuda_context_bytes"]), note)
     else:
         runtime = Row(
             "runtime", "process runtime", int(k["cpu_runtime_bytes"]), "assumed: Python + torch + libraries (RSS)"
         )
     return [slack, runtime]
+
+
+def _workspace_rows(s: dict) -> list[Row]:
+    """CUDA: the cuBLAS workspaces torch takes from its caching allocator (so max_memory_allocated sees them);
+    one per (handle, stream), and a step uses two handles (ACTIVATION_COEFFS["cublas_workspaces"])."""
+    if s["device"] != "cuda":
+        return []
+    n, size = ACTIVATION_COEFFS["cublas_workspaces"], s["cublas_workspace_bytes"]
+    note = (
+        f"assumed: {n} x {size / 2**20:g} MiB, one per thread that runs matmuls (forward; autograd's backward "
+        "thread), torch keeping one workspace per cuBLAS handle and stream; the size is torch 2.13's rule: "
+        f"CUBLAS_WORKSPACE_CONFIG, else 32 MiB on Hopper (sm90), {CUBLAS_WORKSPACE_OLDER / 2**20:g} MiB before it"
+    )
+    return [Row("workspace", "cuBLAS workspaces", n * size, note)]
 
 
 def plan_memory(
@@ -282,6 +343,8 @@ def plan_memory(
     device: str = "cuda",
     grad_accumulation: int = 1,
     label_tokens: int | None = None,
+    padded: bool | None = None,
+    cublas_workspace_bytes: int | None = None,
     gpu_bytes: int | None = None,
     suggest: bool = True,
 ) -> MemoryPlan:
@@ -289,11 +352,15 @@ def plan_memory(
 
     ``label_tokens``: labelled positions per micro-batch (the loss computes logits for those only); default
     ``batch_size * (seq_len - 1)``, every next-token position. ``grad_accumulation`` > 1 keeps the previous
-    micro-batches' gradients live through the next forward and backward.
+    micro-batches' gradients live through the next forward and backward. ``padded``: the batches carry a
+    4-D attention mask (padding, or packed rows of several examples: ``activations.is_padded``); None (the
+    default) means padded when ``batch_size`` > 1. ``cublas_workspace_bytes``: one cuBLAS workspace (CUDA);
+    None means torch's rule for a Hopper GPU (``cublas_workspace_size``); ``profile`` passes the real one.
     """
     s = dict(seq_len=seq_len, batch_size=batch_size, rank=rank, targets=targets, optimizer=optimizer)
     s |= dict(checkpointing=checkpointing, compute_dtype=compute_dtype, adapter_dtype=adapter_dtype)
     s |= dict(lora_dropout=lora_dropout, device=device, grad_accumulation=grad_accumulation)
+    s |= dict(padded=padded, cublas_workspace_bytes=cublas_workspace_bytes)
     s = _resolved(s | dict(label_tokens=label_tokens))
     names, a = target_linears(s["targets"]), DTYPE_BYTES[s["adapter_dtype"]]
     n_lora = lora_param_count(shape, rank, names)
@@ -302,9 +369,10 @@ def plan_memory(
     peak = max(moments, key=lambda m: moments[m].total)
     rows = _weight_rows(shape, s["compute_dtype"]) + _adapter_rows(shape, s, n_lora, opt, moments[peak])
     rows += _activation_rows(shape, s, moments, peak)
-    rows += _runtime_rows(rows, s["device"])
+    rows += _workspace_rows(s) + _runtime_rows(rows, s["device"])
 
-    plan = MemoryPlan(shape, s, rows, gpu_bytes, opt if s["optimizer"].startswith("paged") else 0)
+    paged = _paged_bytes(shape, rank, names, s["optimizer"]) if s["device"] == "cuda" else 0
+    plan = MemoryPlan(shape, s, rows, gpu_bytes, paged)
     plan.peak_moment = peak
     plan.phases = phase_bytes(plan, moments)
     if suggest and plan.fits is False:
@@ -320,11 +388,13 @@ def phase_bytes(plan: MemoryPlan, moments: dict[str, Moment]) -> dict[str, int]:
     load: the weights and the adapters. The loader's working set (one source tensor, read into a host
     buffer, and its quantizer's slice temporaries) is not planned: bench/load_memory.py measures it. The
     step's phases: weights + adapters + optimizer states (allocated by the first optimizer step, live from
-    then on) + the phase's largest moment.
+    then on; paged ones excluded: they are outside torch's allocator) + the cuBLAS workspaces (CUDA: made by
+    the first matmuls of the first step, kept) + the phase's largest moment.
     """
     by_item = {row.item: row.bytes for row in plan.rows}
     weights = sum(row.bytes for row in plan.rows if row.category == "weights") + by_item["LoRA parameters"]
-    fixed = weights + next(row.bytes for row in plan.rows if row.category == "optimizer")
+    states = sum(row.bytes for row in plan.rows if row.category == "optimizer") - plan.pageable_bytes
+    fixed = weights + states + by_item.get("cuBLAS workspaces", 0)
     backward = ("loss backward", "backward of the last layer", "backward of the first layer")
     return {
         "load": weights,
@@ -385,6 +455,9 @@ def plan_run(cfg, data, gpu_bytes: int | None = None) -> MemoryPlan:
     knobs |= dict(checkpointing=cfg.model.gradient_checkpointing, lora_dropout=cfg.lora.dropout)
     knobs |= dict(compute_dtype=names[dtype], adapter_dtype=names[adapter_dtype])
     knobs |= dict(grad_accumulation=cfg.train.gradient_accumulation_steps)
+    # padded: batches of several rows are padded to the longest (by plan_memory's default); packed rows hold
+    # several examples, which transformers separates with a 4-D mask as it does padding
+    knobs |= dict(padded=True if cfg.data.packing else None)
     shape = checkpoint_shape(cfg.model.name_or_path)
     return plan_memory(shape, seq_len=width, batch_size=rows, label_tokens=labelled, **knobs, gpu_bytes=gpu_bytes)
 

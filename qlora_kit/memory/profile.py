@@ -4,7 +4,11 @@ measures the peak of each phase (load, forward, backward, optimizer step) beside
 
 How memory is measured (``measure_phases``):
 
-- CUDA: ``torch.cuda.reset_peak_memory_stats`` before each phase, ``torch.cuda.max_memory_allocated`` after.
+- CUDA: ``torch.cuda.reset_peak_memory_stats`` before each phase, ``torch.cuda.max_memory_allocated`` after,
+  on the recorder's own device (``cuda:1`` measures device 1). That counts what torch's caching allocator
+  hands out, the cuBLAS workspaces included, and not the paged optimizer states: bitsandbytes allocates
+  those with cudaMallocManaged and wraps them as CPU-typed tensors, so ``paged_state_bytes`` counts them
+  apart, from the optimizer's states (the plan's ``pageable_bytes``).
 - CPU: the real tensor allocations, not RSS. The bytes live when measuring starts are counted exactly
   (``live_tensor_bytes``: every distinct CPU storage of every tensor the garbage collector knows); then
   ``torch.profiler`` with ``profile_memory=True`` records every allocation and free of torch's CPU
@@ -97,6 +101,34 @@ def measure_phases(
     return recorder.measurement
 
 
+def cuda_device(device: str | torch.device) -> torch.device:
+    """A CUDA device with its index: plain ``cuda`` is the current device, as torch places tensors there."""
+    device = torch.device(device)
+    return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+
+
+def cublas_workspace_bytes(device: str | torch.device) -> int:
+    """Bytes of one cuBLAS workspace on ``device`` as torch chooses it (``CUBLAS_WORKSPACE_CONFIG``, else its
+    default for the GPU's architecture; ``torch.backends.cuda.cublas_workspace_size``, torch >= 2.13)."""
+    with torch.cuda.device(cuda_device(device)):
+        return torch.backends.cuda.cublas_workspace_size()
+
+
+def paged_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the optimizer's states in CUDA managed memory (bitsandbytes marks them ``is_paged``)."""
+    tensors = [t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors if getattr(t, "is_paged", False))
+
+
+def batch_is_padded(batch: dict[str, torch.Tensor]) -> bool:
+    """Whether transformers builds a 4-D attention mask for ``batch`` (the plan's ``padded``): a padded
+    position (attention_mask 0), or a packed row whose position_ids restart (several examples)."""
+    mask, positions = batch.get("attention_mask"), batch.get("position_ids")
+    if mask is not None:
+        return bool((mask == 0).any())
+    return positions is not None and bool((positions.diff(dim=-1) != 1).any())
+
+
 class PhaseRecorder:
     """Measures the named phases of the code run inside it::
 
@@ -105,10 +137,12 @@ class PhaseRecorder:
         recorder.measurement["backward"].peak
 
     The code measured is the real code, unchanged: it only marks its phases (``train.train_step`` does).
+    On CUDA every torch.cuda call names the recorder's device (``cuda:1`` is measured on device 1).
     """
 
     def __init__(self, device: str | torch.device = "cpu") -> None:
         self.device = torch.device(device).type
+        self.target = cuda_device(device) if self.device == "cuda" else torch.device(device)
         self.measurement = Measurement(self.device)
         self._names: list[tuple[str, str, float, int]] = []  # (phase, marker, seconds, peak RSS), CPU only
         self._profiler = None
@@ -149,14 +183,15 @@ class PhaseRecorder:
 
     @contextlib.contextmanager
     def _cuda_phase(self, name: str) -> Iterator[None]:
-        torch.cuda.synchronize()
-        start = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
+        device = self.target
+        torch.cuda.synchronize(device)
+        start = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
         began = time.perf_counter()
         yield
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
         seconds = time.perf_counter() - began
-        peak, end = torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated()
+        peak, end = torch.cuda.max_memory_allocated(device), torch.cuda.memory_allocated(device)
         self.measurement.phases.append(PhaseMemory(name, peak, start, end, peak_rss_bytes(), seconds))
 
     def _count_cpu_events(self) -> None:
@@ -241,6 +276,7 @@ def profile_run(cfg, steps: int = 3) -> dict:
         loaded["model"], _ = load_lora_model(cfg, inputs.device, inputs.dtype, inputs.adapter_dtype)
 
     load_measured = measure_phases([("load", load)], inputs.device)
+    _count_unallocated(load_measured)
     model = loaded.pop("model")
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -256,30 +292,30 @@ def profile_run(cfg, steps: int = 3) -> dict:
     knobs = dict(rank=cfg.lora.r, targets=cfg.lora.targets, optimizer=cfg.train.optimizer, device=inputs.device.type)
     knobs |= dict(checkpointing=cfg.model.gradient_checkpointing, lora_dropout=cfg.lora.dropout)
     knobs |= dict(compute_dtype=dtype_name(inputs.dtype), adapter_dtype=dtype_name(inputs.adapter_dtype))
+    if inputs.device.type == "cuda":  # the size torch really uses on this GPU
+        knobs |= dict(cublas_workspace_bytes=cublas_workspace_bytes(inputs.device))
 
     records = []
     for step in range(1, steps + 1):
         batch = {k: v.to(inputs.device) for k, v in inputs.batches.next_batch().items()}
         rows, width = batch["input_ids"].shape
-        labelled = label_count(batch)
+        labelled, padded = label_count(batch), batch_is_padded(batch)
         with PhaseRecorder(inputs.device) as recorder:
             train_step(state, [batch], phase=recorder.phase)
         del batch
-        plan = plan_memory(shape, seq_len=width, batch_size=rows, label_tokens=labelled, **knobs, suggest=False)
-        planned = dict(plan.phases)
-        if step == 1:  # the optimizer's states are allocated by the first optimizer step, not before it
-            states = next(r.bytes for r in plan.rows if r.category == "optimizer")
-            planned["forward"] -= states
-            planned["backward"] -= states
+        plan = plan_memory(
+            shape, seq_len=width, batch_size=rows, label_tokens=labelled, padded=padded, **knobs, suggest=False
+        )
         records.append(
             {
                 "step": step,
                 "seq_len": width,
                 "batch_size": rows,
                 "label_tokens": labelled,
+                "padded": padded,
                 "measured": recorder.measurement,
                 "plan": plan,
-                "planned": planned,
+                "planned": planned_phases(plan, first_step=step == 1),
             }
         )
 
@@ -291,7 +327,33 @@ def profile_run(cfg, steps: int = 3) -> dict:
         "steps": records,
         "plan": peak_record["plan"],
         "load": load_measured,
+        # paged optimizer states: outside max_memory_allocated, so beside the phases, measured from the states
+        "paged": {"measured": paged_state_bytes(optimizer), "planned": peak_record["plan"].pageable_bytes},
     }
+
+
+def planned_phases(plan, first_step: bool = False) -> dict[str, int]:
+    """The plan's phases as the profile measures them. The first step's forward and backward run before the
+    first optimizer step allocates the states (the paged ones are outside the phases anyway), and its forward
+    before autograd's thread makes the second cuBLAS workspace."""
+    planned = dict(plan.phases)
+    if first_step:
+        states = sum(r.bytes for r in plan.rows if r.category == "optimizer") - plan.pageable_bytes
+        workspaces = sum(r.bytes for r in plan.rows if r.item == "cuBLAS workspaces")
+        later = workspaces - (plan.settings.get("cublas_workspace_bytes") or 0)  # all but the forward's own
+        planned["forward"] -= states + later
+        planned["backward"] -= states
+    return planned
+
+
+def _count_unallocated(measured: Measurement) -> None:
+    """CPU: the loader's weights kept in the compute dtype are views of the bytes it read (storages torch's
+    allocator never made, so no profiler event saw them); they show as drift, the live bytes counted at the
+    end less the events' sum. Count them in the (one) phase's end and peak: a lower bound of the true peak."""
+    if measured.device == "cpu" and measured.drift > 0:
+        phase = measured.phases[-1]
+        phase.end += measured.drift
+        phase.peak = max(phase.peak, phase.end)
 
 
 def _phase_rows(load_measured: Measurement, records: list[dict]) -> list[PhaseRow]:

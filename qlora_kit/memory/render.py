@@ -11,6 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from qlora_kit.facts import MB, GiB
+from qlora_kit.memory.activations import ACTIVATION_COEFFS, is_padded
 from qlora_kit.memory.plan import MemoryPlan, Row, Suggestion
 from qlora_kit.memory.shapes import ModelShape
 
@@ -33,11 +34,24 @@ def gib_text(nbytes: int) -> str:
 
 def plan_title(plan: MemoryPlan) -> str:
     s = plan.settings
+    padded = " (padded: 4-D attention mask)" if is_padded(s) else ""
     return (
-        f"{plan.model.name}: seq {s['seq_len']} x batch {s['batch_size']}, LoRA r={s['rank']} on "
+        f"{plan.model.name}: seq {s['seq_len']} x batch {s['batch_size']}{padded}, LoRA r={s['rank']} on "
         f"{s['targets']}, {s['optimizer']}, checkpointing {'on' if s['checkpointing'] else 'off'}, "
         f"{s['compute_dtype']} on {s['device']}"
     )
+
+
+def plan_assumptions(plan: MemoryPlan) -> str:
+    """The line that names the plan's unmeasured figures (their rows' notes say "assumed")."""
+    k = ACTIVATION_COEFFS
+    slack = f"the allocator slack ({k['allocator_slack']:.0%} of gradients + activations + transient)"
+    if plan.settings["device"] == "cuda":
+        return (
+            f"Assumed, not yet measured on a GPU: {slack}, the CUDA context ({k['cuda_context_bytes'] / MB:,.0f} MB) "
+            f"and the cuBLAS workspaces ({k['cublas_workspaces']} of them); bench/gpu_memory_check.py measures them."
+        )
+    return f"Assumed: {slack} and the process runtime ({k['cpu_runtime_bytes'] / MB:,.0f} MB, RSS measured once)."
 
 
 def plan_verdict(plan: MemoryPlan) -> str:
@@ -65,7 +79,7 @@ def plan_table(plan: MemoryPlan, recipe: bool = False) -> str:
     w = [max(len(row[i]) for row in cells) for i in range(3)]
     out = [plan_title(plan), f"{'category':<{w[0]}}  {'item':<{w[1]}}  {'MB':>{w[2]}}  explanation"]
     out += [f"{c:<{w[0]}}  {i:<{w[1]}}  {b:>{w[2]}}  {n}" for c, i, b, n in cells]
-    return "\n".join([*out, plan_verdict(plan), *plan.advice(recipe)])
+    return "\n".join([*out, plan_assumptions(plan), plan_verdict(plan), *plan.advice(recipe)])
 
 
 def plan_markdown(plan: MemoryPlan) -> str:
@@ -77,7 +91,7 @@ def plan_markdown(plan: MemoryPlan) -> str:
     ]
     out += [f"| {c} | {i} | {b} | {n} |" for c, i, b, n in _cells(plan)]
     advice = [line if line.startswith("  - ") else f"- {line}" for line in plan.advice()]
-    return "\n".join([*out, "", plan_verdict(plan), *advice])
+    return "\n".join([*out, "", plan_assumptions(plan), "", plan_verdict(plan), *advice])
 
 
 def plan_to_json(plan: MemoryPlan) -> str:
@@ -124,6 +138,18 @@ def _table(result: dict) -> list[tuple[str, str, str, str, str]]:
     return rows
 
 
+def paged_line(result: dict) -> str:
+    """Where the paged optimizer states are: not in the phases ("" when the run has none)."""
+    paged = result.get("paged") or {"measured": 0, "planned": 0}
+    if not paged["measured"] and not paged["planned"]:
+        return ""
+    return (
+        f"paged optimizer states: {paged['measured'] / MB:,.1f} MB measured, {paged['planned'] / MB:,.1f} MB "
+        "planned, in CUDA managed memory (cudaMallocManaged; host-visible, resident on the GPU unless evicted): "
+        "not in torch.cuda.max_memory_allocated, so neither in the measured nor in the planned phases above"
+    )
+
+
 def format_table(result: dict) -> str:
     cells = [HEADER, *_table(result)]
     widths = [max(len(row[i]) for row in cells) for i in range(len(HEADER))]
@@ -131,12 +157,15 @@ def format_table(result: dict) -> str:
         "  ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(row, widths, strict=True)))
         for row in cells
     ]
-    return "\n".join(lines)
+    return "\n".join([*lines, paged_line(result)] if paged_line(result) else lines)
 
 
 def _method(device: str) -> str:
     if device == "cuda":
-        return "torch.cuda.max_memory_allocated per phase (reset_peak_memory_stats before each)"
+        return (
+            "torch.cuda.max_memory_allocated per phase on the run's device (reset_peak_memory_stats before each): "
+            "torch's caching allocator, cuBLAS workspaces included, paged optimizer states not"
+        )
     return (
         "live CPU tensor bytes: exact count of the storages live at the start + the running sum of "
         "torch.profiler's allocator events (profile_memory=True); peak RSS is the process high-water mark"
@@ -150,6 +179,7 @@ def _steps_json(result: dict) -> list[dict]:
             "seq_len": r["seq_len"],
             "batch_size": r["batch_size"],
             "label_tokens": r["label_tokens"],
+            "padded": r.get("padded", False),
             "drift_bytes": r["measured"].drift,
             "phases": {
                 p.name: {
@@ -176,6 +206,7 @@ def write_outputs(result: dict, out: Path) -> dict[str, Path]:
         "method": _method(result["device"]),
         "phases": [{**asdict(p), "ratio": round(p.ratio, 4)} for p in result["phases"]],
         "step_peak": dict(zip(("measured", "planned"), _step_peak(result), strict=True)),
+        "paged_optimizer_states": result.get("paged", {"measured": 0, "planned": 0}),
         "steps": steps,
         "plan": json.loads(plan.to_json()),
     }
@@ -192,6 +223,7 @@ def write_outputs(result: dict, out: Path) -> dict[str, Path]:
         "| --- | ---: | ---: | ---: | ---: |",
     ]
     md += ["| " + " | ".join(row) + " |" for row in _table(result)]
+    md += ["", paged_line(result)] if paged_line(result) else []
     md += ["", "## The plan (peak of the step)", "", plan.to_markdown(), ""]
     paths["md"].write_text("\n".join(md))
     _chart(result, paths["png"])
