@@ -302,11 +302,11 @@ def fit(run: Run) -> TrainResult:
     result.eval_loss_start = run.eval_loss_start
     run.model.train()
     tokens, started = 0, time.perf_counter()
-    bar = tqdm(total=run.total_steps, initial=run.step, desc="train", dynamic_ncols=True)
     # One step's loss swings with the lengths its (length-grouped) batch holds, so the bar shows a running
     # mean; metrics.jsonl keeps every step's own loss, and the eval loss is the measure of progress.
     recent: collections.deque[float] = collections.deque(maxlen=SMOOTHING_STEPS)
     logger.info(f"progress bar: loss = mean train loss per labelled token over the last {SMOOTHING_STEPS} steps")
+    bar = tqdm(total=run.total_steps, initial=run.step, desc="train", dynamic_ncols=True)
     with _StopFlag() as stop:
         while run.step < run.total_steps:
             batches = [run.batches.next_batch() for _ in range(tc.gradient_accumulation_steps)]

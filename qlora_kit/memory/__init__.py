@@ -2,7 +2,7 @@
 
 - ``shapes``: model shapes (presets, a checkpoint's ``config.json``) and the linears LoRA targets.
 - ``activations``: the activation model (``ACTIVATION_COEFFS``) and the candidate peaks of a step.
-- ``plan``: ``plan_memory`` (peak by category), ``max_fitting``, a recipe's plan and ``check_budget``.
+- ``plan``: ``plan_memory`` (peak by category), ``max_fitting``; ``budget``: a recipe's plan and ``check_budget``.
 - ``advice``: why a plan cannot fit and the changes that make it fit.
 - ``render``: a plan (and a measured profile) as a table, markdown, JSON, PNG.
 - ``paper``: the QLoRA paper's LLaMA-7B figures beside ours.
@@ -23,19 +23,17 @@ from qlora_kit.memory.activations import (
     step_moments,
 )
 from qlora_kit.memory.advice import GPU_SIZES_GIB, limits, recipe_overrides
+from qlora_kit.memory.budget import check_budget, largest_micro_batch, plan_run
 from qlora_kit.memory.paper import paper_comparison
 from qlora_kit.memory.plan import (
     VARY_KEYS,
     MemoryPlan,
     Row,
     Suggestion,
-    check_budget,
-    largest_micro_batch,
     lora_param_count,
     max_fitting,
     phase_bytes,
     plan_memory,
-    plan_run,
 )
 from qlora_kit.memory.render import format_table, gb_text, gib_text, write_outputs
 from qlora_kit.memory.shapes import (
