@@ -9,6 +9,7 @@ that does not fit (``memory.advice``) live beside it; ``MemoryPlan``'s methods o
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from qlora_kit.errors import QloraKitError
 from qlora_kit.facts import (
     DTYPE_BYTES,
     DTYPE_NAMES,
+    MASTER_STEP_NUMEL,
     MB,
     OPTIMIZERS,
     GiB,
@@ -25,7 +27,13 @@ from qlora_kit.facts import (
     nf4_bytes,
     resolve_adapter_dtype,
 )
-from qlora_kit.memory.activations import ACTIVATION_COEFFS, Moment, layer_activation_bytes, step_moments
+from qlora_kit.memory.activations import (
+    ACTIVATION_COEFFS,
+    Moment,
+    _optimizer_temporaries,
+    layer_activation_bytes,
+    step_moments,
+)
 from qlora_kit.memory.shapes import ModelShape, checkpoint_shape, target_linears
 
 logger = logging.getLogger(__name__)
@@ -201,20 +209,51 @@ def _weight_rows(shape: ModelShape, compute_dtype: str) -> list[Row]:
 
 
 def _adapter_rows(shape: ModelShape, s: dict, n_lora: int, optimizer_bytes: int, at: Moment) -> list[Row]:
-    """LoRA parameters, their gradients as live at the peak, the optimizer's states."""
+    """LoRA parameters, their gradients as live at the peak, the optimizer's states (and master copies)."""
     a, dtype, optimizer = DTYPE_BYTES[s["adapter_dtype"]], s["adapter_dtype"], s["optimizer"]
+    masters = _has_master_copy(s)
     params = f"{n_lora / 1e6:.1f}M params: A r x in, B out x r on {len(target_linears(s['targets']))} linears x "
     params += f"{shape.layers} layers, {dtype}"
     grads = f"{a * n_lora / MB:,.1f} MB in all (one .grad per LoRA parameter, {dtype}); live at the peak"
     states = "2 uint8 states + fp32 absmax per 256: ~2 B/param" if "8bit" in optimizer else "2 fp32 states: 8 B/param"
-    states = f"torch AdamW: 2 states in {dtype}" if optimizer == "adamw" else states
+    states = f"torch AdamW: 2 states in {'fp32' if masters else dtype}" if optimizer == "adamw" else states
     if optimizer.startswith("paged"):
         states += "; paged: may all move to host RAM under pressure"
-    return [
+    rows = [
         Row("adapters", "LoRA parameters", a * n_lora, params),
         Row("adapters", "LoRA gradients", at.gradients, f"{grads}: backward creates them as it frees activations"),
         Row("optimizer", f"{optimizer} states", optimizer_bytes, states),
     ]
+    if masters:  # after the states: profile counts the first optimizer row as allocated by the first step
+        note = f"an fp32 copy of each {dtype} adapter weight, the one the optimizer steps: 4 B/param"
+        rows.append(Row("optimizer", "fp32 master weights", 4 * n_lora, note + " (train.fp32_master_weights)"))
+    return rows
+
+
+def _has_master_copy(s: dict) -> bool:
+    """The optimizer keeps fp32 master copies: asked for, and the adapters are 16-bit (optim.MasterWeights)."""
+    return s["master_weights"] and DTYPE_BYTES[s["adapter_dtype"]] == 2
+
+
+def plan_moments(shape: ModelShape, s: dict, n_lora: int) -> dict[str, Moment]:
+    """``activations.step_moments``, with the optimizer step of fp32 master copies where the plan has them."""
+    moments = step_moments(shape, s, n_lora=n_lora)
+    if _has_master_copy(s):
+        moments["optimizer step"] = _master_step(shape, s, n_lora, moments["optimizer step"])
+    return moments
+
+
+def _master_step(shape: ModelShape, s: dict, n_lora: int, at: Moment) -> Moment:
+    """The optimizer step with master copies: it steps them a chunk at a time (facts.MASTER_STEP_NUMEL values,
+    or one larger tensor), each chunk with its gradients upcast to fp32 and the inner optimizer's temporaries
+    for that chunk, in fp32."""
+    rank, names = s["rank"], target_linears(s["targets"])
+    largest = max(max(rank * i, o * rank) for name, (o, i) in shape.linears().items() if name in names)
+    chunk = min(n_lora, max(MASTER_STEP_NUMEL, largest))
+    what = "one chunk of fp32 gradients for the master copies + the optimizer's temporaries for it"
+    return dataclasses.replace(
+        at, transient=4 * chunk + _optimizer_temporaries(shape, s, 4, chunk), transient_what=what
+    )
 
 
 def _live(live: int, full: int) -> str:
@@ -278,6 +317,7 @@ def plan_memory(
     checkpointing: bool = True,
     compute_dtype: str = "auto",
     adapter_dtype: str = "auto",
+    master_weights: bool = True,
     lora_dropout: float = 0.05,
     device: str = "cuda",
     grad_accumulation: int = 1,
@@ -289,16 +329,18 @@ def plan_memory(
 
     ``label_tokens``: labelled positions per micro-batch (the loss computes logits for those only); default
     ``batch_size * (seq_len - 1)``, every next-token position. ``grad_accumulation`` > 1 keeps the previous
-    micro-batches' gradients live through the next forward and backward.
+    micro-batches' gradients live through the next forward and backward. ``master_weights``:
+    ``train.fp32_master_weights`` (an fp32 copy of 16-bit adapters in the optimizer).
     """
     s = dict(seq_len=seq_len, batch_size=batch_size, rank=rank, targets=targets, optimizer=optimizer)
     s |= dict(checkpointing=checkpointing, compute_dtype=compute_dtype, adapter_dtype=adapter_dtype)
+    s |= dict(master_weights=master_weights)
     s |= dict(lora_dropout=lora_dropout, device=device, grad_accumulation=grad_accumulation)
     s = _resolved(s | dict(label_tokens=label_tokens))
     names, a = target_linears(s["targets"]), DTYPE_BYTES[s["adapter_dtype"]]
     n_lora = lora_param_count(shape, rank, names)
-    opt = _optimizer_bytes(shape, rank, names, s["optimizer"], a)
-    moments = step_moments(shape, s, n_lora=n_lora)
+    opt = _optimizer_bytes(shape, rank, names, s["optimizer"], 4 if _has_master_copy(s) else a)
+    moments = plan_moments(shape, s, n_lora)
     peak = max(moments, key=lambda m: moments[m].total)
     rows = _weight_rows(shape, s["compute_dtype"]) + _adapter_rows(shape, s, n_lora, opt, moments[peak])
     rows += _activation_rows(shape, s, moments, peak)
@@ -320,11 +362,11 @@ def phase_bytes(plan: MemoryPlan, moments: dict[str, Moment]) -> dict[str, int]:
     load: the weights and the adapters. The loader's working set (one source tensor, read into a host
     buffer, and its quantizer's slice temporaries) is not planned: bench/load_memory.py measures it. The
     step's phases: weights + adapters + optimizer states (allocated by the first optimizer step, live from
-    then on) + the phase's largest moment.
+    then on; fp32 master weights: made with the optimizer) + the phase's largest moment.
     """
     by_item = {row.item: row.bytes for row in plan.rows}
     weights = sum(row.bytes for row in plan.rows if row.category == "weights") + by_item["LoRA parameters"]
-    fixed = weights + next(row.bytes for row in plan.rows if row.category == "optimizer")
+    fixed = weights + sum(row.bytes for row in plan.rows if row.category == "optimizer")
     backward = ("loss backward", "backward of the last layer", "backward of the first layer")
     return {
         "load": weights,
@@ -384,7 +426,7 @@ def plan_run(cfg, data, gpu_bytes: int | None = None) -> MemoryPlan:
     knobs = dict(rank=cfg.lora.r, targets=cfg.lora.targets, optimizer=cfg.train.optimizer, device=device.type)
     knobs |= dict(checkpointing=cfg.model.gradient_checkpointing, lora_dropout=cfg.lora.dropout)
     knobs |= dict(compute_dtype=names[dtype], adapter_dtype=names[adapter_dtype])
-    knobs |= dict(grad_accumulation=cfg.train.gradient_accumulation_steps)
+    knobs |= dict(grad_accumulation=cfg.train.gradient_accumulation_steps, master_weights=cfg.train.fp32_master_weights)
     shape = checkpoint_shape(cfg.model.name_or_path)
     return plan_memory(shape, seq_len=width, batch_size=rows, label_tokens=labelled, **knobs, gpu_bytes=gpu_bytes)
 
