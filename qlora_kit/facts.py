@@ -48,6 +48,11 @@ OPTIMIZER_CHOICES = ("auto", *OPTIMIZERS)
 LR_SCHEDULERS = ("constant", "cosine", "linear")
 
 
+# optim.MasterWeights steps the fp32 master copies of 16-bit adapters this many values at a time: their fp32
+# gradients exist one chunk at a time (64 MB), and the planner counts that chunk
+MASTER_STEP_NUMEL = 2**24
+
+
 def auto_optimizer(device_type: str) -> str:
     """``auto`` optimizer: bitsandbytes' paged AdamW on CUDA (states page out under pressure), torch AdamW on CPU."""
     return "paged_adamw_32bit" if device_type == "cuda" else "adamw"

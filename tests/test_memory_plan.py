@@ -21,8 +21,8 @@ from qlora_kit.memory import (
     paper_comparison,
     plan_memory,
     recipe_overrides,
-    step_moments,
 )
+from qlora_kit.memory.plan import plan_moments
 from tests.test_train import tiny_model_dir  # noqa: F401 (a fixture)
 
 LLAMA_7B, LLAMA_65B = PRESETS["llama-7b"], PRESETS["llama-65b"]
@@ -235,11 +235,13 @@ def test_suggestions_are_real_replans_and_lead_to_fitting():
 def test_paged_optimizer_is_pageable_and_8bit_is_smaller():
     paged = plan_memory(LLAMA_65B, optimizer="paged_adamw_32bit")
     eight = plan_memory(LLAMA_65B, optimizer="paged_adamw_8bit")
-    plain = plan_memory(LLAMA_65B, optimizer="adamw")  # torch AdamW: states in the bf16 adapter dtype
+    plain = plan_memory(LLAMA_65B, optimizer="adamw")  # torch AdamW: states in the fp32 master copies' dtype
+    in_place = plan_memory(LLAMA_65B, optimizer="adamw", master_weights=False)  # ... or the bf16 adapters'
     n = lora_param_count(LLAMA_65B, 64, "all-linear")
     assert paged.pageable_bytes == _row(paged, "paged_adamw_32bit states") == 8 * n
     assert _row(eight, "paged_adamw_8bit states") == pytest.approx(2 * n, rel=0.05)
-    assert plain.pageable_bytes == 0 and _row(plain, "adamw states") == 4 * n
+    assert plain.pageable_bytes == 0 and _row(plain, "adamw states") == 8 * n
+    assert in_place.pageable_bytes == 0 and _row(in_place, "adamw states") == 4 * n
 
 
 def test_max_fitting_is_monotone_and_exact():
@@ -339,7 +341,7 @@ def test_65b_at_24_gib_says_the_weights_alone_are_over_and_suggests_nothing_that
     assert plan.weight_bytes / 1e9 == pytest.approx(34.46, abs=0.01)
     assert (
         "the 4-bit weights and embeddings alone are 34.5 GB (32.09 GiB), more than the 24 GiB budget: no batch, "
-        "sequence, checkpointing, rank, target or optimizer setting can fit; this run as planned needs 42.31 GiB"
+        "sequence, checkpointing, rank, target or optimizer setting can fit; this run as planned needs 45.28 GiB"
     ) in out
     advice = out[out.index("what fits") :].splitlines()[1:]
     assert advice == ["  - a 48 GiB GPU"]  # rank / 4, seq / 2 ... saved some MB but never reached 24 GiB
@@ -353,7 +355,7 @@ def test_fixed_part_over_budget_drops_activation_knobs_and_combines_the_others()
     assert "no batch, sequence or checkpointing setting can fit" in plan.limits()
     changes = [s.change for s in plan.suggestions]
     assert changes == [
-        "paged_adamw_8bit optimizer, rank 64 -> 16, seq 2048 -> 322",  # the fewest knobs, least invasive first
+        "paged_adamw_8bit optimizer, rank 64 -> 16, seq 2048 -> 245",  # the fewest knobs, least invasive first
         "a 24 GiB GPU",
     ]
     for s in plan.suggestions:  # every one listed fits when replanned
@@ -378,7 +380,7 @@ def test_suggestions_as_recipe_overrides():
 def test_the_transient_note_gives_each_moments_total_not_differences():
     plan = plan_memory(LLAMA_65B, gpu_bytes=24 * GiB)
     note = next(r.note for r in plan.rows if r.item == "largest transient")
-    moments = step_moments(LLAMA_65B, plan.settings, n_lora=lora_param_count(LLAMA_65B, 64, "all-linear"))
+    moments = plan_moments(LLAMA_65B, plan.settings, lora_param_count(LLAMA_65B, 64, "all-linear"))
     live = sum(r.bytes for r in plan.rows if r.category in ("activations", "transient") or r.item == "LoRA gradients")
     assert moments[plan.peak_moment].total == live  # the peak's figure is the sum of those rows
     assert f"it holds {live / MB:,.1f} MB" in note
@@ -391,8 +393,8 @@ def test_the_transient_note_gives_each_moments_total_not_differences():
 def test_max_with_nothing_fitting_says_why_and_exits_3(capsys):
     assert plan_main(["--model", "llama-7b", "--gpu", "4GB", "--max", "batch"]) == EXIT_DOES_NOT_FIT
     out = capsys.readouterr().out
-    assert out.startswith("no batch fits in 4 GiB: not even batch 1 (6.15 GiB planned)")
-    assert "optimizer states and runtime alone are 6.0 GB" in out
+    assert out.startswith("no batch fits in 4 GiB: not even batch 1 (6.75 GiB planned)")
+    assert "optimizer states and runtime alone are 6.7 GB" in out
     assert plan_main(["--model", "llama-65b", "--gpu", "24GB", "--max", "seq", "--json"]) == EXIT_DOES_NOT_FIT
     assert json.loads(capsys.readouterr().out) == {"seq": 0}
     assert plan_main(["--model", "llama-7b", "--gpu", "24GB", "--max", "seq"]) == 0
@@ -421,7 +423,7 @@ def test_cuda_plans_count_two_cublas_workspaces_by_torchs_size_rule(monkeypatch)
     assert cublas_workspace_size(":4096:2:16:8") == cublas_workspace_size(None, hopper=False)
     assert cublas_workspace_size("garbage") == 32 * 2**20  # torch warns and keeps its default
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-    plan = plan_memory(LLAMA_7B)
+    plan = plan_memory(LLAMA_7B, master_weights=False)  # the optimizer step: exactly these rows
     row = _row(plan, "cuBLAS workspaces")
     assert row == 2 * 32 * 2**20 and plan.settings["cublas_workspace_bytes"] == 32 * 2**20
     runtime = sum(r.bytes for r in plan.rows if r.category == "runtime")
@@ -447,7 +449,7 @@ def test_paged_states_are_the_big_tensors_and_outside_the_measured_bytes():
     """bitsandbytes pages the states of parameters of >= 1e5 values only; those are pageable_bytes, left out of
     tensor_bytes and the phases (max_memory_allocated cannot see managed memory), and still in the total."""
     n = lora_param_count(LLAMA_7B, 64, "all-linear")
-    paged = plan_memory(LLAMA_7B, rank=64, optimizer="paged_adamw_32bit")
+    paged = plan_memory(LLAMA_7B, rank=64, optimizer="paged_adamw_32bit", master_weights=False)
     assert paged.pageable_bytes == 8 * n == _row(paged, "paged_adamw_32bit states")  # every A/B >= 262,144
     assert "paged: 1,279.3 MB of them" in next(r.note for r in paged.rows if r.category == "optimizer")
     runtime = sum(r.bytes for r in paged.rows if r.category == "runtime")

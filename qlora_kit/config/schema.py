@@ -129,6 +129,11 @@ class TrainConfig:
     resume: str = "auto"
     """auto (continue from the latest checkpoint in output.dir, if any) | none (start over) | PATH to a
     checkpoint dir. With auto, running the same command again after a stop continues where it stopped."""
+    fp32_master_weights: bool = True
+    """Keep an fp32 copy of 16-bit (bf16/fp16) adapter weights in the optimizer and step that copy, so
+    updates below half the 16-bit weights' last place still count (small lrs, the end of a decaying
+    schedule) instead of rounding away. Costs 4 bytes per adapter parameter (torch AdamW's states are then
+    fp32 too). No effect on fp32 adapters (CPU). false = update the 16-bit weights in place (QLoRA's code)."""
 
 
 @dataclass

@@ -42,7 +42,7 @@ def plan_run(cfg, data, gpu_bytes: int | None = None) -> MemoryPlan:
     knobs = dict(rank=cfg.lora.r, targets=cfg.lora.targets, optimizer=cfg.train.optimizer, device=device.type)
     knobs |= dict(checkpointing=cfg.model.gradient_checkpointing, lora_dropout=cfg.lora.dropout)
     knobs |= dict(compute_dtype=names[dtype], adapter_dtype=names[adapter_dtype])
-    knobs |= dict(grad_accumulation=cfg.train.gradient_accumulation_steps)
+    knobs |= dict(grad_accumulation=cfg.train.gradient_accumulation_steps, master_weights=cfg.train.fp32_master_weights)
     # padded: batches of several rows are padded to the longest (by plan_memory's default); packed rows hold
     # several examples, which transformers separates with a 4-D mask as it does padding
     knobs |= dict(padded=True if cfg.data.packing else None)

@@ -9,6 +9,7 @@ that does not fit (``memory.advice``) live beside it; ``MemoryPlan``'s methods o
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -19,6 +20,7 @@ from qlora_kit.errors import QloraKitError
 from qlora_kit.facts import (
     DTYPE_BYTES,
     DTYPE_NAMES,
+    MASTER_STEP_NUMEL,
     MB,
     OPTIMIZERS,
     auto_compute_dtype,
@@ -29,6 +31,7 @@ from qlora_kit.facts import (
 from qlora_kit.memory.activations import (
     ACTIVATION_COEFFS,
     Moment,
+    _optimizer_temporaries,
     activation_knobs,
     checkpointed_mask_bytes,
     is_padded,
@@ -242,13 +245,14 @@ def _weight_rows(shape: ModelShape, compute_dtype: str) -> list[Row]:
 
 
 def _adapter_rows(shape: ModelShape, s: dict, n_lora: int, optimizer_bytes: int, at: Moment) -> list[Row]:
-    """LoRA parameters, their gradients as live at the peak, the optimizer's states."""
+    """LoRA parameters, their gradients as live at the peak, the optimizer's states (and master copies)."""
     a, dtype, optimizer = DTYPE_BYTES[s["adapter_dtype"]], s["adapter_dtype"], s["optimizer"]
+    masters = _has_master_copy(s)
     params = f"{n_lora / 1e6:.1f}M params: A r x in, B out x r on {len(target_linears(s['targets']))} linears x "
     params += f"{shape.layers} layers, {dtype}"
     grads = f"{a * n_lora / MB:,.1f} MB in all (one .grad per LoRA parameter, {dtype}); live at the peak"
     states = "2 uint8 states + fp32 absmax per 256: ~2 B/param" if "8bit" in optimizer else "2 fp32 states: 8 B/param"
-    states = f"torch AdamW: 2 states in {dtype}" if optimizer == "adamw" else states
+    states = f"torch AdamW: 2 states in {'fp32' if masters else dtype}" if optimizer == "adamw" else states
     paged = _paged_bytes(shape, s["rank"], target_linears(s["targets"]), optimizer) if s["device"] == "cuda" else 0
     if paged:
         states += (
@@ -256,11 +260,41 @@ def _adapter_rows(shape: ModelShape, s: dict, n_lora: int, optimizer_bytes: int,
             "memory, resident unless evicted to host RAM under pressure; outside torch's allocator, so not in "
             "torch.cuda.max_memory_allocated nor in the planned phases"
         )
-    return [
+    rows = [
         Row("adapters", "LoRA parameters", a * n_lora, params),
         Row("adapters", "LoRA gradients", at.gradients, f"{grads}: backward creates them as it frees activations"),
         Row("optimizer", f"{optimizer} states", optimizer_bytes, states),
     ]
+    if masters:  # after the states: profile counts the first optimizer row as allocated by the first step
+        note = f"an fp32 copy of each {dtype} adapter weight, the one the optimizer steps: 4 B/param"
+        rows.append(Row("optimizer", "fp32 master weights", 4 * n_lora, note + " (train.fp32_master_weights)"))
+    return rows
+
+
+def _has_master_copy(s: dict) -> bool:
+    """The optimizer keeps fp32 master copies: asked for, and the adapters are 16-bit (optim.MasterWeights)."""
+    return s["master_weights"] and DTYPE_BYTES[s["adapter_dtype"]] == 2
+
+
+def plan_moments(shape: ModelShape, s: dict, n_lora: int) -> dict[str, Moment]:
+    """``activations.step_moments``, with the optimizer step of fp32 master copies where the plan has them."""
+    moments = step_moments(shape, s, n_lora=n_lora)
+    if _has_master_copy(s):
+        moments["optimizer step"] = _master_step(shape, s, n_lora, moments["optimizer step"])
+    return moments
+
+
+def _master_step(shape: ModelShape, s: dict, n_lora: int, at: Moment) -> Moment:
+    """The optimizer step with master copies: it steps them a chunk at a time (facts.MASTER_STEP_NUMEL values,
+    or one larger tensor), each chunk with its gradients upcast to fp32 and the inner optimizer's temporaries
+    for that chunk, in fp32."""
+    rank, names = s["rank"], target_linears(s["targets"])
+    largest = max(max(rank * i, o * rank) for name, (o, i) in shape.linears().items() if name in names)
+    chunk = min(n_lora, max(MASTER_STEP_NUMEL, largest))
+    what = "one chunk of fp32 gradients for the master copies + the optimizer's temporaries for it"
+    return dataclasses.replace(
+        at, transient=4 * chunk + _optimizer_temporaries(shape, s, 4, chunk), transient_what=what
+    )
 
 
 def _live(live: int, full: int) -> str:
@@ -338,6 +372,7 @@ def plan_memory(
     checkpointing: bool = True,
     compute_dtype: str = "auto",
     adapter_dtype: str = "auto",
+    master_weights: bool = True,
     lora_dropout: float = 0.05,
     device: str = "cuda",
     grad_accumulation: int = 1,
@@ -355,16 +390,18 @@ def plan_memory(
     4-D attention mask (padding, or packed rows of several examples: ``activations.is_padded``); None (the
     default) means padded when ``batch_size`` > 1. ``cublas_workspace_bytes``: one cuBLAS workspace (CUDA);
     None means torch's rule for a Hopper GPU (``cublas_workspace_size``); ``profile`` passes the real one.
+    ``master_weights``: ``train.fp32_master_weights`` (an fp32 copy of 16-bit adapters in the optimizer).
     """
     s = dict(seq_len=seq_len, batch_size=batch_size, rank=rank, targets=targets, optimizer=optimizer)
     s |= dict(checkpointing=checkpointing, compute_dtype=compute_dtype, adapter_dtype=adapter_dtype)
+    s |= dict(master_weights=master_weights)
     s |= dict(lora_dropout=lora_dropout, device=device, grad_accumulation=grad_accumulation)
     s |= dict(padded=padded, cublas_workspace_bytes=cublas_workspace_bytes)
     s = _resolved(s | dict(label_tokens=label_tokens))
     names, a = target_linears(s["targets"]), DTYPE_BYTES[s["adapter_dtype"]]
     n_lora = lora_param_count(shape, rank, names)
-    opt = _optimizer_bytes(shape, rank, names, s["optimizer"], a)
-    moments = step_moments(shape, s, n_lora=n_lora)
+    opt = _optimizer_bytes(shape, rank, names, s["optimizer"], 4 if _has_master_copy(s) else a)
+    moments = plan_moments(shape, s, n_lora)
     peak = max(moments, key=lambda m: moments[m].total)
     rows = _weight_rows(shape, s["compute_dtype"]) + _adapter_rows(shape, s, n_lora, opt, moments[peak])
     rows += _activation_rows(shape, s, moments, peak)
@@ -387,8 +424,9 @@ def phase_bytes(plan: MemoryPlan, moments: dict[str, Moment]) -> dict[str, int]:
     load: the weights and the adapters. The loader's working set (one source tensor, read into a host
     buffer, and its quantizer's slice temporaries) is not planned: bench/load_memory.py measures it. The
     step's phases: weights + adapters + optimizer states (allocated by the first optimizer step, live from
-    then on; paged ones excluded: they are outside torch's allocator) + the cuBLAS workspaces (CUDA: made by
-    the first matmuls of the first step, kept) + the phase's largest moment.
+    then on; paged ones excluded: they are outside torch's allocator; fp32 master weights: made with the
+    optimizer) + the cuBLAS workspaces (CUDA: made by the first matmuls of the first step, kept) + the phase's
+    largest moment.
     """
     by_item = {row.item: row.bytes for row in plan.rows}
     weights = sum(row.bytes for row in plan.rows if row.category == "weights") + by_item["LoRA parameters"]

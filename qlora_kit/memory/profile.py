@@ -291,6 +291,7 @@ def profile_run(cfg, steps: int = 3) -> dict:
     shape = shape_from_config(model.config, name=Path(model.name_or_path).name)
     knobs = dict(rank=cfg.lora.r, targets=cfg.lora.targets, optimizer=cfg.train.optimizer, device=inputs.device.type)
     knobs |= dict(checkpointing=cfg.model.gradient_checkpointing, lora_dropout=cfg.lora.dropout)
+    knobs |= dict(master_weights=cfg.train.fp32_master_weights)
     knobs |= dict(compute_dtype=dtype_name(inputs.dtype), adapter_dtype=dtype_name(inputs.adapter_dtype))
     if inputs.device.type == "cuda":  # the size torch really uses on this GPU
         knobs |= dict(cublas_workspace_bytes=cublas_workspace_bytes(inputs.device))
