@@ -241,3 +241,31 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps: in
     """The run's schedule over ``steps`` optimizer steps; warmup_steps > 0 overrides warmup_ratio."""
     warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_scheduler, warmup, steps))
+
+
+def repage_states(optimizer: torch.optim.Optimizer) -> int:
+    """Put a paged bitsandbytes optimizer's states back into paged memory after ``load_state_dict``.
+
+    bitsandbytes makes paged (CUDA managed) state buffers only when it first initializes a state; its
+    ``load_state_dict`` moves ``state1``/``state2`` to ordinary device memory. A run that fit because its
+    states could page out to host RAM could then run out of GPU memory after ``train.resume=auto``. Each
+    state is copied into a fresh buffer from the optimizer's own ``get_state_buffer`` (paged for tensors of
+    >= 1e5 values, as at init). Returns how many states were re-paged (0 for any other optimizer).
+    """
+    inner = getattr(optimizer, "inner", optimizer)  # MasterWeights steps an inner optimizer
+    if not getattr(inner, "is_paged", False):
+        return 0
+    repaged = 0
+    for group in inner.param_groups:
+        for param in group["params"]:
+            state = inner.state.get(param, {})
+            for key in ("state1", "state2"):
+                old = state.get(key)
+                if old is None or getattr(old, "is_paged", False):
+                    continue
+                new = inner.get_state_buffer(param, dtype=old.dtype)
+                if getattr(new, "is_paged", False):
+                    new.copy_(old)
+                    state[key] = new
+                    repaged += 1
+    return repaged

@@ -39,7 +39,7 @@ from qlora_kit.loading import DTYPES, dtype_name, load_model, load_tokenizer, re
 from qlora_kit.lora import LoRAReport, add_lora
 from qlora_kit.loss import causal_lm_loss, label_count
 from qlora_kit.memory import check_budget
-from qlora_kit.optim import make_optimizer, make_scheduler, total_steps
+from qlora_kit.optim import make_optimizer, make_scheduler, repage_states, total_steps
 from qlora_kit.run import Run, RunInputs, StepStats, TrainResult, TrainState
 from qlora_kit.runlog import RunLog, memory_gb
 from qlora_kit.samples import reproduce_commands, sample_prompts, write_samples
@@ -157,6 +157,7 @@ def _restore_optimizer(run: Run, state: dict[str, Any]) -> None:
     if saved in (None, run.optimizer_name):
         try:
             run.optimizer.load_state_dict(state["optimizer"])
+            repage_states(run.optimizer)  # bitsandbytes' load_state_dict un-pages them
             return
         except (KeyError, ValueError) as e:
             saved = f"another optimizer ({type(e).__name__}: {e})"

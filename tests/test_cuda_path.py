@@ -110,3 +110,41 @@ def test_weights_in_f64_or_f8_quantize_on_cuda(stored):
     weight = (torch.randn(64, 128, device="cuda") * 0.05).to(stored)
     layer = NF4Linear.from_weight(weight)  # bitsandbytes' CUDA kernel takes only bf16/fp16/fp32
     assert torch.equal(layer.dequantize(), NF4Linear.from_weight(weight.float()).dequantize())
+
+
+def test_repaging_is_a_no_op_for_optimizers_that_do_not_page():
+    from qlora_kit.optim import repage_states
+
+    param = torch.nn.Parameter(torch.zeros(400, 400))
+    optimizer = torch.optim.AdamW([param])
+    param.grad = torch.ones_like(param)
+    optimizer.step()
+    assert repage_states(optimizer) == 0
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["paged_adamw_32bit", "paged_adamw_8bit"])
+def test_paged_states_are_paged_again_after_a_resume(name):
+    """bitsandbytes' load_state_dict moves paged states to device memory; repage_states puts them back."""
+    from qlora_kit.config import TrainConfig
+    from qlora_kit.optim import make_optimizer, repage_states
+
+    def build():
+        param = torch.nn.Parameter(torch.randn(512, 512, device="cuda"))  # >= 1e5 values: paged
+        return param, make_optimizer(name, [param], TrainConfig(), torch.device("cuda"))
+
+    param, optimizer = build()
+    param.grad = torch.randn_like(param)
+    optimizer.step()
+    saved = optimizer.state_dict()
+    _, resumed = build()
+    resumed.load_state_dict(saved)
+    inner = getattr(resumed, "inner", resumed)
+    state = next(iter(inner.state.values()))
+    assert not getattr(state["state1"], "is_paged", False)  # what bitsandbytes leaves
+    assert repage_states(resumed) >= 1
+    state = next(iter(inner.state.values()))
+    assert state["state1"].is_paged
+    original = next(iter(getattr(optimizer, "inner", optimizer).state.values()))["state1"]
+    assert torch.equal(state["state1"].cpu(), original.cpu())
