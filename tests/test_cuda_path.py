@@ -148,3 +148,77 @@ def test_paged_states_are_paged_again_after_a_resume(name):
     assert state["state1"].is_paged
     original = next(iter(getattr(optimizer, "inner", optimizer).state.values()))["state1"]
     assert torch.equal(state["state1"].cpu(), original.cpu())
+
+
+# --- GPU numerics (issue 13): each states its tolerance --------------------------------------------------------
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_nf4_codes_from_the_cuda_kernel_equal_bitsandbytes_quantize_4bit(dtype):
+    import bitsandbytes.functional as bnbf
+
+    from qlora_kit.quant import NF4Linear
+
+    weight = (torch.randn(4096, 1000, device="cuda") * 0.02).to(dtype)  # 4.1M values: several quantize slices
+    ours = NF4Linear.from_weight(weight)
+    codes, state = bnbf.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
+    assert torch.equal(ours.codes, codes.view(-1))  # bit for bit
+    assert torch.equal(ours.absmax_codes, state.absmax)
+    assert torch.equal(ours.absmax_scales.view(torch.float32), state.state2.absmax)
+    assert torch.equal(ours.dequantize(dtype), bnbf.dequantize_4bit(codes, state))
+
+
+@gpu
+@pytest.mark.gpu
+def test_fused_lora_node_equals_plain_autograd_in_bf16_on_cuda():
+    """Tolerance rtol 1e-2 / atol 1e-2: bf16 rounds each of the two paths' products differently."""
+    from qlora_kit.lora import LoRALinear, dropout_mask
+    from qlora_kit.quant import NF4Linear
+
+    torch.manual_seed(0)
+    base = NF4Linear.from_weight(torch.randn(512, 768, device="cuda") * 0.05)
+    layer = LoRALinear(base, r=16, alpha=32, dropout=0.1, dtype=torch.bfloat16).train()
+    torch.nn.init.normal_(layer.lora_b.weight, std=0.05)
+    x = torch.randn(4, 64, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    torch.manual_seed(5)
+    y = layer(x)
+    (y.float() ** 2).mean().backward()
+    torch.manual_seed(5)
+    mask, keep = dropout_mask(torch.Size((256, 768)), 0.1, int(torch.randint(2**62, ())), x.device)
+    xr = x.detach().clone().requires_grad_(True)
+    a = layer.lora_a.weight.detach().clone().requires_grad_(True)
+    b = layer.lora_b.weight.detach().clone().requires_grad_(True)
+    dropped = (xr.reshape(256, 768) * keep).masked_fill(mask, 0)
+    yr = xr @ base.dequantize(torch.bfloat16).t() + layer.scaling * (dropped @ a.t() @ b.t()).view(4, 64, 512)
+    (yr.float() ** 2).mean().backward()
+    pairs = [(y, yr), (x.grad, xr.grad), (layer.lora_a.weight.grad, a.grad), (layer.lora_b.weight.grad, b.grad)]
+    for ours, reference in pairs:
+        torch.testing.assert_close(ours.float(), reference.float(), rtol=1e-2, atol=1e-2)
+
+
+@gpu
+@pytest.mark.gpu
+def test_dropout_mask_redrawn_in_backward_equals_forwards_on_cuda():
+    from qlora_kit.lora import dropout_mask
+
+    first, scale = dropout_mask(torch.Size((1024, 4096)), 0.05, 1234, torch.device("cuda"))
+    again, _ = dropout_mask(torch.Size((1024, 4096)), 0.05, 1234, torch.device("cuda"))
+    assert torch.equal(first, again)  # the same seed draws the same mask: exactly
+    assert 0.045 < first.float().mean().item() < 0.055 and scale == pytest.approx(1 / 0.95, rel=1e-4)
+
+
+@gpu
+@pytest.mark.gpu
+def test_nf4_quantized_on_cpu_and_on_cuda():
+    """Export quantizes where training did (``--device``). Whether CPU and CUDA codes agree is measured here:
+    they may differ where a value sits on a rounding boundary (different float reductions for absmax)."""
+    from qlora_kit.quant import NF4Linear
+
+    weight = torch.randn(2048, 2048) * 0.02
+    on_cpu, on_cuda = NF4Linear.from_weight(weight), NF4Linear.from_weight(weight.cuda())
+    differing = (on_cpu.codes != on_cuda.codes.cpu()).float().mean().item()
+    dense_gap = (on_cpu.dequantize() - on_cuda.dequantize().cpu()).abs().max().item()
+    print(f"NF4 codes CPU vs CUDA: {differing:.2e} of bytes differ; max dequantized gap {dense_gap:.2e}")
+    assert differing < 1e-3 and dense_gap < 0.02 * 0.3  # at most a stray code step (of a 0.02-scale weight)
