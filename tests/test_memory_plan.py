@@ -415,7 +415,7 @@ def test_model_shape_of_the_real_smollm2(smollm2_dir):
 def test_cuda_plans_count_two_cublas_workspaces_by_torchs_size_rule(monkeypatch):
     """torch takes the workspaces from its caching allocator: they are tensor bytes (in max_memory_allocated),
     in every step phase (not the load) and in the fixed part; their size follows CUBLAS_WORKSPACE_CONFIG."""
-    from qlora_kit.memory.plan import cublas_workspace_size
+    from qlora_kit.memory.cuda import cublas_workspace_size
 
     assert cublas_workspace_size(None) == 32 * 2**20  # Hopper (sm90): 4096 KiB x 8
     assert cublas_workspace_size(None, hopper=False) == 8 * 2**20 + 128 * 2**10  # ":4096:2:16:8"

@@ -31,18 +31,23 @@ def largest_micro_batch(cfg, data) -> tuple[int, int, int]:
     return rows, width, labelled
 
 
-def plan_run(cfg, data, gpu_bytes: int | None = None) -> MemoryPlan:
-    """The plan of a recipe's largest micro-batch, from the checkpoint's ``config.json`` alone."""
-    from qlora_kit.loading import DTYPES
-    from qlora_kit.train import resolve_run_dtypes
+def recipe_knobs(cfg, device, dtype, adapter_dtype) -> dict:
+    """The planner's settings for a recipe as it runs on ``device`` (all but the batch's shape)."""
+    from qlora_kit.loading import dtype_name
 
-    device, dtype, adapter_dtype = resolve_run_dtypes(cfg)
-    names = {value: name for name, value in DTYPES.items()}
-    rows, width, labelled = largest_micro_batch(cfg, data)
     knobs = dict(rank=cfg.lora.r, targets=cfg.lora.targets, optimizer=cfg.train.optimizer, device=device.type)
     knobs |= dict(checkpointing=cfg.model.gradient_checkpointing, lora_dropout=cfg.lora.dropout)
-    knobs |= dict(compute_dtype=names[dtype], adapter_dtype=names[adapter_dtype])
+    knobs |= dict(compute_dtype=dtype_name(dtype), adapter_dtype=dtype_name(adapter_dtype))
     knobs |= dict(grad_accumulation=cfg.train.gradient_accumulation_steps, master_weights=cfg.train.fp32_master_weights)
+    return knobs
+
+
+def plan_run(cfg, data, gpu_bytes: int | None = None) -> MemoryPlan:
+    """The plan of a recipe's largest micro-batch, from the checkpoint's ``config.json`` alone."""
+    from qlora_kit.train import resolve_run_dtypes
+
+    rows, width, labelled = largest_micro_batch(cfg, data)
+    knobs = recipe_knobs(cfg, *resolve_run_dtypes(cfg))
     # padded: batches of several rows are padded to the longest (by plan_memory's default); packed rows hold
     # several examples, which transformers separates with a 4-D mask as it does padding
     knobs |= dict(padded=True if cfg.data.packing else None)

@@ -13,7 +13,6 @@ import dataclasses
 import logging
 import math
 import os
-import re
 from dataclasses import dataclass, field
 
 from qlora_kit.errors import QloraKitError
@@ -38,15 +37,13 @@ from qlora_kit.memory.activations import (
     layer_activation_bytes,
     step_moments,
 )
+from qlora_kit.memory.cuda import CUBLAS_WORKSPACE_OLDER, PAGED_MIN_NUMEL, cublas_workspace_size, paged_bytes
 from qlora_kit.memory.shapes import ModelShape, target_linears
 
 logger = logging.getLogger(__name__)
 
 FIXED = ("LoRA parameters", "cuBLAS workspaces", "CUDA context", "process runtime")  # rows outside
 # weights/optimizer that no batch, sequence or checkpointing knob changes (MemoryPlan.fixed_bytes)
-PAGED_MIN_NUMEL = 100_000  # bitsandbytes pages a state only for parameters of >= 1e5 values (get_state_buffer)
-CUBLAS_WORKSPACE_SM90 = 4096 * 8 * 1024  # torch's default per workspace on Hopper (sm90): 32 MiB
-CUBLAS_WORKSPACE_OLDER = 4096 * 1024 * 2 + 16 * 1024 * 8  # before Hopper: ":4096:2:16:8", 8 MiB + 128 KiB
 VARIED = {"batch_size": "batch", "seq_len": "seq"}  # the knobs max_fitting searches, and their names there
 VARY_KEYS = {name: key for key, name in VARIED.items()}  # max_fitting's vary= -> the knob
 
@@ -172,27 +169,6 @@ def _optimizer_bytes(shape: ModelShape, rank: int, targets: tuple[str, ...], opt
     return total * shape.layers
 
 
-def _paged_bytes(shape: ModelShape, rank: int, targets: tuple[str, ...], optimizer: str) -> int:
-    """The optimizer states bitsandbytes puts in CUDA managed memory (``F.get_paged``: cudaMallocManaged,
-    wrapped as CPU-typed tensors): state1 and state2 of each parameter of at least ``PAGED_MIN_NUMEL``
-    values (smaller ones, and the 8-bit absmax, are ordinary device tensors). 0 for other optimizers."""
-    if not optimizer.startswith("paged"):
-        return 0
-    per_value = 2 if optimizer.endswith("8bit") else 8  # 2 uint8 or 2 fp32 states
-    numels = [n for o, i in (shape.linears()[name] for name in targets) for n in (rank * i, o * rank)]
-    return shape.layers * sum(per_value * n for n in numels if n >= PAGED_MIN_NUMEL)
-
-
-def cublas_workspace_size(config: str | None, hopper: bool = True) -> int:
-    """Bytes of one cuBLAS workspace by torch 2.13's rule (``parseChosenWorkspaceSize`` in
-    ``aten/src/ATen/cuda/CublasHandlePool.cpp``): the ``:SIZE:COUNT`` pairs of ``CUBLAS_WORKSPACE_CONFIG``
-    (SIZE KiB x COUNT, summed), else 32 MiB on Hopper (``hopper``) and 8 MiB + 128 KiB before it."""
-    pairs = re.findall(r":([0-9]+):([0-9]+)", config or "")
-    if pairs:
-        return sum(int(size) * 1024 * int(count) for size, count in pairs)
-    return CUBLAS_WORKSPACE_SM90 if hopper else CUBLAS_WORKSPACE_OLDER
-
-
 # --- the plan ------------------------------------------------------------------------------------------------
 
 
@@ -253,7 +229,7 @@ def _adapter_rows(shape: ModelShape, s: dict, n_lora: int, optimizer_bytes: int,
     grads = f"{a * n_lora / MB:,.1f} MB in all (one .grad per LoRA parameter, {dtype}); live at the peak"
     states = "2 uint8 states + fp32 absmax per 256: ~2 B/param" if "8bit" in optimizer else "2 fp32 states: 8 B/param"
     states = f"torch AdamW: 2 states in {'fp32' if masters else dtype}" if optimizer == "adamw" else states
-    paged = _paged_bytes(shape, s["rank"], target_linears(s["targets"]), optimizer) if s["device"] == "cuda" else 0
+    paged = paged_bytes(shape, s["rank"], target_linears(s["targets"]), optimizer) if s["device"] == "cuda" else 0
     if paged:
         states += (
             f"; paged: {paged / MB:,.1f} MB of them (tensors of >= {PAGED_MIN_NUMEL:,} values) in CUDA managed "
@@ -407,7 +383,7 @@ def plan_memory(
     rows += _activation_rows(shape, s, moments, peak)
     rows += _workspace_rows(s) + _runtime_rows(rows, s["device"])
 
-    paged = _paged_bytes(shape, rank, names, s["optimizer"]) if s["device"] == "cuda" else 0
+    paged = paged_bytes(shape, rank, names, s["optimizer"]) if s["device"] == "cuda" else 0
     plan = MemoryPlan(shape, s, rows, gpu_bytes, paged)
     plan.peak_moment = peak
     plan.phases = phase_bytes(plan, moments)

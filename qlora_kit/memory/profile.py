@@ -261,7 +261,6 @@ class PhaseRow:
 def profile_run(cfg, steps: int = 3) -> dict:
     """Load the recipe's model, run ``steps`` real optimizer steps (one micro-batch each) through the training
     loop's own ``train_step``, and measure each phase beside the plan of the batch it ran."""
-    from qlora_kit.loading import dtype_name
     from qlora_kit.loss import label_count
     from qlora_kit.memory.plan import plan_memory
     from qlora_kit.memory.shapes import shape_from_config
@@ -276,8 +275,8 @@ def profile_run(cfg, steps: int = 3) -> dict:
         loaded["model"], _ = load_lora_model(cfg, inputs.device, inputs.dtype, inputs.adapter_dtype)
 
     load_measured = measure_phases([("load", load)], inputs.device)
-    _count_unallocated(load_measured)
     model = loaded.pop("model")
+    _count_unallocated(load_measured, _storage_bytes(model))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg.train.optimizer, params, cfg.train, inputs.device)  # "auto": the planner's rule
@@ -289,12 +288,7 @@ def profile_run(cfg, steps: int = 3) -> dict:
         max_grad_norm=cfg.train.max_grad_norm,
     )
     shape = shape_from_config(model.config, name=Path(model.name_or_path).name)
-    knobs = dict(rank=cfg.lora.r, targets=cfg.lora.targets, optimizer=cfg.train.optimizer, device=inputs.device.type)
-    knobs |= dict(checkpointing=cfg.model.gradient_checkpointing, lora_dropout=cfg.lora.dropout)
-    knobs |= dict(master_weights=cfg.train.fp32_master_weights)
-    knobs |= dict(compute_dtype=dtype_name(inputs.dtype), adapter_dtype=dtype_name(inputs.adapter_dtype))
-    if inputs.device.type == "cuda":  # the size torch really uses on this GPU
-        knobs |= dict(cublas_workspace_bytes=cublas_workspace_bytes(inputs.device))
+    knobs = _plan_knobs(cfg, inputs)
 
     records = []
     for step in range(1, steps + 1):
@@ -333,6 +327,17 @@ def profile_run(cfg, steps: int = 3) -> dict:
     }
 
 
+def _plan_knobs(cfg, inputs) -> dict:
+    """The planner's settings for the recipe as profiled here: one micro-batch per step, torch's real cuBLAS
+    workspace size on a GPU."""
+    from qlora_kit.memory.budget import recipe_knobs
+
+    knobs = recipe_knobs(cfg, inputs.device, inputs.dtype, inputs.adapter_dtype) | dict(grad_accumulation=1)
+    if inputs.device.type == "cuda":
+        knobs |= dict(cublas_workspace_bytes=cublas_workspace_bytes(inputs.device))
+    return knobs
+
+
 def planned_phases(plan, first_step: bool = False) -> dict[str, int]:
     """The plan's phases as the profile measures them. The first step's forward and backward run before the
     first optimizer step allocates the states (the paged ones are outside the phases anyway), and its forward
@@ -347,20 +352,29 @@ def planned_phases(plan, first_step: bool = False) -> dict[str, int]:
     return planned
 
 
-def _count_unallocated(measured: Measurement) -> None:
+def _count_unallocated(measured: Measurement, model_bytes: int) -> None:
     """CPU: the loader's weights kept in the compute dtype are views of the bytes it read (storages torch's
     allocator never made, so no profiler event saw them); they show as drift, the live bytes counted at the
-    end less the events' sum. Count them in the (one) phase's end and peak: a lower bound of the true peak."""
+    end less the events' sum. Count them in the (one) phase's end and peak: a lower bound of the true peak.
+    At most the model's own bytes: drift beyond them is not the load's (other live objects of the process)."""
     if measured.device == "cpu" and measured.drift > 0:
         phase = measured.phases[-1]
-        phase.end += measured.drift
+        phase.end += min(measured.drift, model_bytes)
         phase.peak = max(phase.peak, phase.end)
 
 
+def _storage_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the distinct storages behind a model's parameters and buffers."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in model.state_dict().values()}
+    return sum(storages.values())
+
+
 def _phase_rows(load_measured: Measurement, records: list[dict]) -> list[PhaseRow]:
-    """The load, then each step phase at its highest over the profiled steps, with the plan of that step."""
+    """The load (what it added to what was live before it: in ``qlora-kit profile`` nothing, in a process that
+    holds other models, those), then each step phase at its highest over the profiled steps, with the plan of
+    that step."""
     load = load_measured["load"]
-    phases = [PhaseRow("load", load.peak, records[0]["plan"].phases["load"], load.peak_rss)]
+    phases = [PhaseRow("load", load.peak - load.start, records[0]["plan"].phases["load"], load.peak_rss)]
     for name in PHASES[1:]:
         best = max(records, key=lambda r: r["measured"][name].peak)
         phases.append(
