@@ -302,7 +302,7 @@ def fit(run: Run) -> TrainResult:
     _start(run)
     result.eval_loss_start = run.eval_loss_start
     run.model.train()
-    tokens, started = 0, time.perf_counter()
+    tokens, training_s = 0, 0.0  # tokens/s is training's own: evals and checkpoints are not in its time
     # One step's loss swings with the lengths its (length-grouped) batch holds, so the bar shows a running
     # mean; metrics.jsonl keeps every step's own loss, and the eval loss is the measure of progress.
     recent: collections.deque[float] = collections.deque(maxlen=SMOOTHING_STEPS)
@@ -310,12 +310,13 @@ def fit(run: Run) -> TrainResult:
     bar = tqdm(total=run.total_steps, initial=run.step, desc="train", dynamic_ncols=True)
     with _StopFlag() as stop:
         while run.step < run.total_steps:
+            started = time.perf_counter()
             batches = [run.batches.next_batch() for _ in range(tc.gradient_accumulation_steps)]
             stats = train_step(run, [{k: v.to(run.device) for k, v in b.items()} for b in batches])
-            tokens += stats.tokens
+            tokens, training_s = tokens + stats.tokens, training_s + time.perf_counter() - started
             result.train_losses.append(stats.loss)
             recent.append(stats.loss)
-            _record(run, bar, stats, tokens / (time.perf_counter() - started), sum(recent) / len(recent))
+            _record(run, bar, stats, tokens / training_s, sum(recent) / len(recent))
             if stop.requested:
                 bar.close()
                 path = checkpoint(run)
@@ -326,7 +327,7 @@ def fit(run: Run) -> TrainResult:
                 checkpoint(run)
     bar.close()
     result.steps = run.step
-    result.tokens_per_s = tokens / max(time.perf_counter() - started, 1e-9)
+    result.tokens_per_s = tokens / max(training_s, 1e-9)
     return result
 
 
