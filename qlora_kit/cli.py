@@ -87,6 +87,12 @@ def plan_main(argv: list[str] | None = None) -> int:
     p.add_argument("--adapter-dtype", default="auto", choices=DTYPE_CHOICES, help="auto: compute")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--accum", type=int, default=1, help="gradient accumulation steps (> 1 keeps gradients live)")
+    p.add_argument(
+        "--master-weights",
+        default="on",
+        choices=("on", "off"),
+        help="fp32 master copies of 16-bit adapters (train.fp32_master_weights; default on): 4 B/param",
+    )
     p.add_argument("--gpu", help="memory to fit in: 24GB, 48GB, 80GB (as GiB: 24GB = 24 x 2^30) or bytes")
     p.add_argument("--max", choices=("batch", "seq"), help="print the largest batch or seq that fits in --gpu")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -106,7 +112,7 @@ def plan_main(argv: list[str] | None = None) -> int:
     knobs = dict(seq_len=args.seq, batch_size=args.batch, rank=args.rank, targets=args.targets)
     knobs |= dict(optimizer=args.optimizer, checkpointing=args.checkpointing == "on", device=args.device)
     knobs |= dict(compute_dtype=args.compute_dtype, adapter_dtype=args.adapter_dtype, lora_dropout=args.dropout)
-    knobs |= dict(grad_accumulation=args.accum)
+    knobs |= dict(grad_accumulation=args.accum, master_weights=args.master_weights == "on")
     shape = model_shape(args.model)
     if args.max:
         return _print_max(shape, gpu, args.max, args.json, knobs)

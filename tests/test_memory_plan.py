@@ -503,3 +503,10 @@ def test_plan_run_plans_packed_rows_as_padded_and_several_rows_by_default(tiny_m
     assert plan.settings["padded"] is None and plan.settings["batch_size"] == 4 and "(padded" in plan.title()
     cfg, data = _prepared(tiny_model_dir, tmp_path / "p", **{"data.packing": True, "train.micro_batch_size": 1})
     assert plan_run(cfg, data).settings["padded"] is True
+
+
+def test_plan_cli_can_leave_the_master_copies_out(capsys):
+    assert plan_main(["--model", "llama-33b", "--gpu", "24GB"]) == EXIT_DOES_NOT_FIT  # 24.53 GiB with them
+    assert "fp32 master weights" in capsys.readouterr().out
+    assert plan_main(["--model", "llama-33b", "--gpu", "24GB", "--master-weights", "off"]) == 0  # 22.72 GiB
+    assert "fp32 master weights" not in capsys.readouterr().out
