@@ -239,3 +239,19 @@ def load_reference_nf4(model_dir: str | Path, dtype, device_map: Any):
     return AutoModelForCausalLM.from_pretrained(
         model_dir, quantization_config=quantization, dtype=dtype, device_map=device_map
     )
+
+
+def synthetic_checkpoint(model_dir: Path, shape: dict[str, Any], shard_bytes: int) -> Path:
+    """A random-weight Llama checkpoint of ``shape`` in ``model_dir`` (config + shards), written once: a complete
+    one with the same shape (its ``bench_complete.json`` marker, written last) is reused."""
+    from transformers import LlamaConfig
+
+    marker = model_dir / "bench_complete.json"
+    if marker.is_file() and json.loads(marker.read_text()) == shape:
+        return model_dir
+    model_dir.mkdir(parents=True, exist_ok=True)
+    print(f"writing a random-weight checkpoint to {model_dir} (once) ...", flush=True)
+    LlamaConfig(**shape, dtype="bfloat16").save_pretrained(model_dir)
+    write_synthetic_llama(model_dir, shape, shard_bytes)
+    marker.write_text(json.dumps(shape))
+    return model_dir

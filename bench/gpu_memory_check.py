@@ -33,13 +33,12 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from _common import MB, markdown_table, save_results, write_synthetic_llama
+from _common import MB, markdown_table, save_results, synthetic_checkpoint
 from train_step import GPU_MODELS
 
 RANK = 64
@@ -58,17 +57,7 @@ CASES = {"tiny": (TINY, 2, 1024), "llama-1b": (GPU_MODELS["llama-1b"], 4, 1024)}
 
 def build_checkpoint(model_dir: Path, shape: dict[str, Any]) -> Path:
     """Random bf16 weights of ``shape`` in ``model_dir`` unless a complete one is already there."""
-    from transformers import LlamaConfig
-
-    marker = model_dir / "bench_complete.json"
-    if marker.is_file() and json.loads(marker.read_text()) == shape:
-        return model_dir
-    model_dir.mkdir(parents=True, exist_ok=True)
-    print(f"writing a random-weight checkpoint to {model_dir} (once) ...", flush=True)
-    LlamaConfig(**shape, dtype="bfloat16").save_pretrained(model_dir)
-    write_synthetic_llama(model_dir, shape, 2 * 1000**3)
-    marker.write_text(json.dumps(shape))
-    return model_dir
+    return synthetic_checkpoint(model_dir, shape, 2 * 1000**3)
 
 
 def make_batch(vocab: int, rows: int, seq: int, padded: bool, device) -> dict:
@@ -100,7 +89,8 @@ def run_case(model, shape_name: str, shape, rows: int, seq: int, checkpointing: 
     from qlora_kit.memory import PhaseRecorder, live_tensor_bytes, plan_memory
     from qlora_kit.memory.profile import batch_is_padded, cublas_workspace_bytes, paged_state_bytes, planned_phases
     from qlora_kit.optim import make_optimizer
-    from qlora_kit.train import TrainState, train_step
+    from qlora_kit.run import TrainState
+    from qlora_kit.train import train_step
 
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -41,7 +41,7 @@ from _common import (
     peak_rss_bytes,
     rss_bytes,
     save_results,
-    write_synthetic_llama,
+    synthetic_checkpoint,
 )
 
 # LLaMA-style, ~840M parameters, untied: 1.68 GB (1,600 MiB) of bf16 weights (the issue asks for >= 1.5 GB).
@@ -65,19 +65,7 @@ RESULT_MARKER = "RESULT "
 
 def build_checkpoint(workdir: Path) -> Path:
     """Write the checkpoint unless a complete one with the same shape is already there."""
-    from transformers import LlamaConfig
-
-    model_dir = workdir / "synthetic-llama-1.6gb"
-    marker = model_dir / "bench_complete.json"
-    if marker.is_file() and json.loads(marker.read_text()) == SHAPE:
-        return model_dir
-    model_dir.mkdir(parents=True, exist_ok=True)
-    print(f"building a synthetic checkpoint in {model_dir} (once) ...", flush=True)
-    LlamaConfig(**SHAPE, dtype="bfloat16").save_pretrained(model_dir)
-
-    write_synthetic_llama(model_dir, SHAPE, SHARD_BYTES)
-    marker.write_text(json.dumps(SHAPE))
-    return model_dir
+    return synthetic_checkpoint(workdir / "synthetic-llama-1.6gb", SHAPE, SHARD_BYTES)
 
 
 # --- one measurement, in a child process ----------------------------------------------------------------
