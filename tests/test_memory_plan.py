@@ -510,3 +510,12 @@ def test_plan_cli_can_leave_the_master_copies_out(capsys):
     assert "fp32 master weights" in capsys.readouterr().out
     assert plan_main(["--model", "llama-33b", "--gpu", "24GB", "--master-weights", "off"]) == 0  # 22.72 GiB
     assert "fp32 master weights" not in capsys.readouterr().out
+
+
+def test_dropping_the_master_copies_is_offered_alone_when_it_fits():
+    plan = plan_memory(PRESETS["llama-33b"], rank=64, gpu_bytes=24 * 2**30)  # 24.53 GiB with the copies
+    offered = {s.change: s for s in plan.suggestions}
+    dropped = next(s for s in plan.suggestions if s.knob == {"master_weights": False})
+    assert dropped.fits and "master copies" in dropped.change
+    assert recipe_overrides(dropped.knob) == "train.fp32_master_weights=false"
+    assert all("master" not in change for change in offered if "," in change)  # never in a combination

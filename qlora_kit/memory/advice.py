@@ -23,7 +23,10 @@ RECIPE_KEYS = {
     "rank": "lora.r",
     "targets": "lora.targets",
     "optimizer": "train.optimizer",
+    "master_weights": "train.fp32_master_weights",
 }
+# Dropping the fp32 master copies trades update precision for memory: offered on its own, never in combinations.
+NO_MASTER_COPIES = "no fp32 master copies of the adapters (updates below half a bf16 step then round away)"
 
 
 # --- text under the verdict --------------------------------------------------------------------------------
@@ -81,7 +84,8 @@ def suggestions(plan: MemoryPlan) -> list[Suggestion]:
     it takes more than one), and the smallest memory that holds the run as it is. Only what fits."""
     changes = _knob_changes(plan)
     out = [sugg for text, knob in changes if (sugg := _replanned(plan, text, knob)).fits]
-    together = _fewest_together(plan, [(text, knob) for text, knob in changes if not {*knob} & {*VARIED}])
+    combinable = [(text, knob) for text, knob in changes if not {*knob} & {*VARIED, "master_weights"}]
+    together = _fewest_together(plan, combinable)
     if together is not None and len(together.knob) > 1:
         out.append(together)
     bigger = _bigger_memory(plan)
@@ -119,6 +123,8 @@ def _knob_changes(plan: MemoryPlan) -> list[tuple[str, dict]]:
         changes.append((f"rank {s['rank']} -> {s['rank'] // 4}", {"rank": s["rank"] // 4}))
     if s["targets"] != "attention":
         changes.append(("LoRA on attention only (q,k,v,o)", {"targets": "attention"}))
+    if any(row.item == "fp32 master weights" for row in plan.rows):
+        changes.append((NO_MASTER_COPIES, {"master_weights": False}))
     return changes
 
 
