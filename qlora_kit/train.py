@@ -18,6 +18,7 @@ import collections
 import contextlib
 import json
 import logging
+import math
 import random
 import signal
 import time
@@ -198,7 +199,7 @@ def train_step(run: TrainState, micro_batches: list[dict[str, torch.Tensor]], ph
         del loss_sum
         tokens += int(batch["input_ids"].numel())
     loss = loss_total / n_labels
-    if not torch.isfinite(torch.tensor(loss)):
+    if not math.isfinite(loss):
         raise QloraKitError(
             f"the training loss became {loss} at step {run.step + 1}; stopped without saving that step "
             f"(the last checkpoint is intact). Lower train.learning_rate, keep train.max_grad_norm > 0, "
