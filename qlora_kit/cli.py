@@ -47,6 +47,8 @@ def train_main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lora.r=8 train.max_steps=10")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args = parser.parse_intermixed_args(argv)  # key=value overrides may follow options
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun only rank 0 talks; the others say only errors
+        logging.getLogger("qlora_kit").setLevel(logging.ERROR)
     cfg = load_config(args.recipe, args.overrides)
     if args.print_config:
         print(to_yaml(cfg))

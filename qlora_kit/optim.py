@@ -214,11 +214,12 @@ def _master_copy(p: torch.Tensor) -> torch.Tensor:
     return p.detach().to(torch.float32, copy=True) if p.dtype in HALF_DTYPES else p
 
 
-def total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
-    """``max_steps`` when set, else ``num_epochs`` worth of optimizer steps (at least one)."""
+def total_steps(cfg: TrainConfig, batches_per_epoch: int, processes: int = 1) -> int:
+    """``max_steps`` when set, else ``num_epochs`` worth of optimizer steps (at least one); each step takes
+    ``processes x gradient_accumulation_steps`` micro-batches."""
     if cfg.max_steps > 0:
         return cfg.max_steps
-    return max(1, math.ceil(cfg.num_epochs * batches_per_epoch / cfg.gradient_accumulation_steps))
+    return max(1, math.ceil(cfg.num_epochs * batches_per_epoch / (cfg.gradient_accumulation_steps * processes)))
 
 
 def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:

@@ -1,0 +1,141 @@
+"""Checkpoints of a torchrun run: the adapter whole (rank 0), the training state through
+``torch.distributed.checkpoint`` (every process writes its own shards), one directory appearing at once.
+
+    OUTPUT_DIR/checkpoints/step-000123/
+        adapter_config.json, adapter_model.safetensors   the full adapter in PEFT's layout (rank 0)
+        training_state/                                   DCP: adapter and optimizer shards, schedule, data
+                                                          position, each process's RNG states
+        checkpoint.json                                   step, world size, parallel mode; written last
+
+Rank 0 makes the temp dir (``atomic_dir``) and tells the others its name; all write their DCP shards into
+it; rank 0 adds the adapter and marker and renames it into place once every process is done. A crash before
+the rename leaves the earlier checkpoints as they were, as in ``checkpoint.py``.
+
+Resuming needs the same number of processes (each restores its own RNG states, and under FSDP its own
+shards of the optimizer states); another number is refused with what to do instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import pickle
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from qlora_kit.adapter import write_adapter_files
+from qlora_kit.atomic import atomic_dir
+from qlora_kit.checkpoint import (
+    MARKER_NAME,
+    SHARDED_STATE_NAME,
+    STATE_NAME,
+    Checkpoint,
+    checkpoint_dir,
+    prune_checkpoints,
+    rng_state,
+    set_rng_state,
+)
+from qlora_kit.distributed import full_tensor
+from qlora_kit.errors import QloraKitError
+from qlora_kit.lora import lora_state_dict
+
+if TYPE_CHECKING:
+    from qlora_kit.run import Run
+
+
+def full_lora_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's whole tensors on every process (under FSDP2 a collective: all processes call it)."""
+    return {name: full_tensor(tensor).cpu() for name, tensor in lora_state_dict(model).items()}
+
+
+def _state_dicts(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(run.model, run.optimizer, options=StateDictOptions(ignore_frozen_params=True))
+
+
+def save(run: Run, training_state: dict[str, Any]) -> Path:
+    """Write checkpoint ``run.step`` from every process (a collective) and keep the newest ones."""
+    import torch.distributed.checkpoint as dcp
+
+    world = run.world
+    target = checkpoint_dir(run.out) / f"step-{run.step:06d}"
+    adapter = full_lora_state(run.model)
+    model_state, optimizer_state = _state_dicts(run)
+    state = {
+        "model": model_state,
+        "optimizer": optimizer_state,
+        # Python objects go in as single pickled leaves: DCP keeps one copy of a key all processes share
+        "progress": pickle.dumps({**training_state, "step": run.step}),
+        f"rng_{world.rank}": pickle.dumps(rng_state()),
+    }
+    try:
+        with atomic_dir(target) if world.is_main else contextlib.nullcontext() as tmp:
+            tmp = Path(str(world.broadcast(str(tmp))))
+            dcp.save(state, checkpoint_id=tmp / SHARDED_STATE_NAME)
+            world.barrier()  # every process's shards are written
+            if world.is_main:
+                write_adapter_files(run.model, tmp, run.cfg.model.name_or_path, lora=run.cfg.lora, state=adapter)
+                marker = {"step": run.step, "world_size": world.size, "parallel": world.parallel}
+                (tmp / MARKER_NAME).write_text(json.dumps(marker) + "\n")
+    except OSError as e:
+        raise QloraKitError(
+            f"could not write checkpoint {target} ({e}); earlier checkpoints are untouched. "
+            "Free disk space (or lower train.save_total_limit) and resume with train.resume=auto"
+        ) from None
+    world.barrier()  # the checkpoint is in place before any process goes on (or stops)
+    if world.is_main:
+        prune_checkpoints(run.out, run.cfg.train.save_total_limit)
+    return target
+
+
+def check_compatible(checkpoint: Checkpoint, world_size: int, parallel: str) -> None:
+    """Refuse a checkpoint this run cannot continue: another number of processes, or another layout."""
+    sharded = (checkpoint.path / SHARDED_STATE_NAME).is_dir()
+    if not sharded and world_size == 1:
+        return
+    if not sharded:
+        raise QloraKitError(
+            f"checkpoint {checkpoint.path} was written by a single process ({STATE_NAME}); this run has "
+            f"{world_size} processes. Resume it without torchrun (qlora-kit train ...), or start a new run "
+            "here with train.resume=none"
+        )
+    marker = json.loads((checkpoint.path / MARKER_NAME).read_text())
+    saved = marker.get("world_size")
+    if saved != world_size or marker.get("parallel") != parallel:
+        how = "without torchrun" if world_size == 1 else f"with {world_size} processes ({parallel})"
+        raise QloraKitError(
+            f"checkpoint {checkpoint.path} was written by {saved} processes ({marker.get('parallel')}) and this "
+            f"run is {how}: each process resumes its own RNG states and optimizer shards, so resume with "
+            f"torchrun --nproc-per-node {saved} and train.parallel={marker.get('parallel')}. To go on with "
+            f"another number of processes, start a new run from the checkpoint's adapter "
+            "(its adapter_model.safetensors is complete) or set train.resume=none"
+        )
+
+
+def load(run: Run, checkpoint: Checkpoint) -> dict[str, Any]:
+    """Restore adapter, optimizer and this process's RNG from ``checkpoint``; return the rest of its state."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    world = run.world
+    model_state, optimizer_state = _state_dicts(run)
+    rng_key = f"rng_{world.rank}"
+    state = {"model": model_state, "optimizer": optimizer_state, "progress": b"", rng_key: b""}
+    try:
+        dcp.load(state, checkpoint_id=checkpoint.path / SHARDED_STATE_NAME)
+    except Exception as e:  # a damaged or foreign dir: DCP raises several kinds
+        from qlora_kit.checkpoint import damaged_checkpoint_error
+
+        raise damaged_checkpoint_error(checkpoint.path, SHARDED_STATE_NAME, f"{type(e).__name__}: {e}") from None
+    set_state_dict(
+        run.model,
+        run.optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optimizer"],
+        options=StateDictOptions(ignore_frozen_params=True),
+    )
+    set_rng_state(pickle.loads(state[rng_key]))
+    return pickle.loads(state["progress"])
