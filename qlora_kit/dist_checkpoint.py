@@ -135,7 +135,8 @@ def load(run: Run, checkpoint: Checkpoint) -> dict[str, Any]:
         run.optimizer,
         model_state_dict=state["model"],
         optim_state_dict=state["optimizer"],
-        options=StateDictOptions(ignore_frozen_params=True),
+        # not strict: the frozen base is not in it (dcp.load already failed on any adapter key it lacked)
+        options=StateDictOptions(ignore_frozen_params=True, strict=False),
     )
     set_rng_state(pickle.loads(state[rng_key]))
     return pickle.loads(state["progress"])

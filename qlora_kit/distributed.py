@@ -34,9 +34,11 @@ import torch
 from torch import nn
 
 from qlora_kit.architecture import decoder_layers
+from qlora_kit.config import LoRAConfig
 from qlora_kit.data import BatchPlan
 from qlora_kit.errors import QloraKitError
 from qlora_kit.loss import causal_lm_loss
+from qlora_kit.lora import LoRAReport, lora_report, resolve_targets, wrap_linears
 from qlora_kit.quant import NF4Linear
 
 TIMEOUT_ENV = "QLORA_KIT_DIST_TIMEOUT_S"
@@ -193,6 +195,10 @@ class World:
 
     # --- wrapping --------------------------------------------------------------------------------------
 
+    def layer_loader(self, lora: LoRAConfig, adapter_dtype: torch.dtype, cpu_offload: bool) -> ShardOnLoad | None:
+        """What ``load_model`` calls per loaded layer: under FSDP, add its adapters and shard it."""
+        return ShardOnLoad(lora, adapter_dtype, cpu_offload) if self.sharded else None
+
     def wrap(self, model: nn.Module, cpu_offload: bool = False) -> None:
         """Put the DDP or FSDP2 wrapper around ``model`` (in place for FSDP2); before the optimizer is built."""
         if not self.distributed:
@@ -201,6 +207,33 @@ class World:
             self.engine = _ddp(LossModule(model), self.local_rank if self._comm_device.type == "cuda" else None)
         else:
             self.engine = _fsdp(LossModule(model), cpu_offload)
+
+
+class ShardOnLoad:
+    """``load_model``'s ``on_layer`` under FSDP: each decoder layer gets its adapters and is sharded as soon as
+    it is read, so a process holds its shards plus one layer, never the whole 4-bit model.
+
+    The layers come in order and each wraps its linears in ``add_lora``'s order, so the adapters draw the
+    same initial values from torch's RNG as ``add_lora`` on the whole model (one process's numbers).
+    """
+
+    def __init__(self, lora: LoRAConfig, adapter_dtype: torch.dtype, cpu_offload: bool) -> None:
+        self.lora, self.adapter_dtype, self.cpu_offload = lora, adapter_dtype, cpu_offload
+        self.names: list[str] | None = None  # the target linears, resolved before any layer is wrapped
+
+    def __call__(self, model: nn.Module, name: str, layer: nn.Module) -> None:
+        lc = self.lora
+        if self.names is None:
+            if lc.r <= 0:
+                raise QloraKitError(f"LoRA rank r must be > 0, got {lc.r}")
+            self.names = resolve_targets(model, lc.targets)
+        layer.requires_grad_(False)
+        mine = [target for target in self.names if target.startswith(f"{name}.")]
+        wrap_linears(model, mine, lc.r, lc.alpha, lc.dropout, lc.use_rslora, self.adapter_dtype)
+        shard_layer(layer, self.cpu_offload)
+
+    def report(self, model: nn.Module) -> LoRAReport:
+        return lora_report(model, self.names or [])
 
 
 def _ddp(module: LossModule, device_id: int | None) -> nn.Module:
@@ -271,15 +304,16 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
-def resident_nf4_bytes(model: nn.Module) -> int:
-    """Bytes of NF4 storage (codes, absmax, nested stats) this process holds: its shards under FSDP2."""
-    total = 0
+def nf4_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes of NF4 storage this process holds: its shards under FSDP2, bytes of the whole model's)."""
+    resident = whole = 0
     for module in model.modules():
         if isinstance(module, NF4Linear):
             for name in NF4_TENSORS:
-                tensor = local_tensor(getattr(module, name))
-                total += tensor.numel() * tensor.element_size()
-    return total
+                tensor = getattr(module, name)
+                resident += local_tensor(tensor).numel() * tensor.element_size()
+                whole += tensor.numel() * tensor.element_size()  # a DTensor's numel is the whole tensor's
+    return resident, whole
 
 
 @contextlib.contextmanager

@@ -35,9 +35,9 @@ from qlora_kit.adapter import save_adapter
 from qlora_kit.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
 from qlora_kit.config import RunConfig, load_config, to_yaml
 from qlora_kit.data import BatchPlan, PreparedData, eval_batches, prepare_data, prompt_template
-from qlora_kit.distributed import World, full_tensor
+from qlora_kit.distributed import World, full_tensor, nf4_bytes
 from qlora_kit.errors import QloraKitError
-from qlora_kit.facts import auto_optimizer, resolve_adapter_dtype
+from qlora_kit.facts import MB, auto_optimizer, resolve_adapter_dtype
 from qlora_kit.loading import DTYPES, dtype_name, load_model, load_tokenizer, resolve_device, resolve_dtype
 from qlora_kit.lora import LoRAReport, add_lora
 from qlora_kit.loss import label_count
@@ -107,12 +107,19 @@ def prepare(cfg: RunConfig) -> RunInputs:
 
 
 def load_lora_model(
-    cfg: RunConfig, device: torch.device, dtype: torch.dtype, adapter_dtype: torch.dtype
+    cfg: RunConfig, device: torch.device, dtype: torch.dtype, adapter_dtype: torch.dtype, world: World | None = None
 ) -> tuple[nn.Module, LoRAReport]:
-    """The recipe's 4-bit model with its LoRA adapters (and gradient checkpointing if asked): what fit trains."""
-    model = load_model(cfg.model.name_or_path, device=device, dtype=dtype)
+    """The recipe's 4-bit model with its LoRA adapters (and gradient checkpointing if asked): what fit trains.
+
+    Under FSDP each decoder layer gets its adapters and is sharded as it is loaded (``distributed.ShardOnLoad``).
+    """
     lc = cfg.lora
-    report = add_lora(model, lc.targets, lc.r, lc.alpha, lc.dropout, lc.use_rslora, adapter_dtype)
+    shard = (world or World()).layer_loader(lc, adapter_dtype, cfg.train.fsdp_cpu_offload)
+    model = load_model(cfg.model.name_or_path, device=device, dtype=dtype, on_layer=shard)
+    if shard is None:
+        report = add_lora(model, lc.targets, lc.r, lc.alpha, lc.dropout, lc.use_rslora, adapter_dtype)
+    else:
+        report = shard.report(model)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, report
@@ -124,9 +131,12 @@ def setup(inputs: RunInputs) -> Run:
     check_budget(cfg, inputs.data)  # model.max_memory_gb: refuse a run that cannot fit before loading the model
     world = inputs.world
     world.start(inputs.device)  # the first collective: every process has read the recipe, tokenizer and data
-    model, report = load_lora_model(cfg, inputs.device, inputs.dtype, inputs.adapter_dtype)
+    model, report = load_lora_model(cfg, inputs.device, inputs.dtype, inputs.adapter_dtype, world)
     logger.info(str(report))
     world.wrap(model, cfg.train.fsdp_cpu_offload)  # DDP / FSDP2 (shards the parameters): before the optimizer
+    if world.sharded:
+        resident, whole = nf4_bytes(model)
+        logger.info(f"fsdp: each process holds its shard of the 4-bit base ({resident / MB:,.2f} of {whole / MB:,.2f} MB)")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer_name = auto_optimizer(inputs.device.type) if cfg.train.optimizer == "auto" else cfg.train.optimizer
     optimizer = make_optimizer(optimizer_name, params, cfg.train, inputs.device)
