@@ -37,8 +37,8 @@ from qlora_kit.architecture import decoder_layers
 from qlora_kit.config import LoRAConfig
 from qlora_kit.data import BatchPlan
 from qlora_kit.errors import QloraKitError
-from qlora_kit.loss import causal_lm_loss
 from qlora_kit.lora import LoRAReport, lora_report, resolve_targets, wrap_linears
+from qlora_kit.loss import causal_lm_loss
 from qlora_kit.quant import NF4Linear
 
 TIMEOUT_ENV = "QLORA_KIT_DIST_TIMEOUT_S"

@@ -136,7 +136,7 @@ def setup(inputs: RunInputs) -> Run:
     world.wrap(model, cfg.train.fsdp_cpu_offload)  # DDP / FSDP2 (shards the parameters): before the optimizer
     if world.sharded:
         resident, whole = nf4_bytes(model)
-        logger.info(f"fsdp: each process holds its shard of the 4-bit base ({resident / MB:,.2f} of {whole / MB:,.2f} MB)")
+        logger.info(f"fsdp: this process holds {resident / MB:,.2f} MB of the 4-bit base ({whole / MB:,.2f} MB)")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer_name = auto_optimizer(inputs.device.type) if cfg.train.optimizer == "auto" else cfg.train.optimizer
     optimizer = make_optimizer(optimizer_name, params, cfg.train, inputs.device)
