@@ -128,8 +128,10 @@ def load_lora_model(
 def setup(inputs: RunInputs) -> Run:
     """Load the model (after the memory-budget check), build optimizer and schedule, restore a checkpoint."""
     cfg = inputs.cfg
-    check_budget(cfg, inputs.data)  # model.max_memory_gb: refuse a run that cannot fit before loading the model
     world = inputs.world
+    if inputs.resume_from is not None:  # another number of processes cannot continue it: say so before loading
+        dist_checkpoint.check_compatible(inputs.resume_from, world.size, world.parallel)
+    check_budget(cfg, inputs.data)  # model.max_memory_gb: refuse a run that cannot fit before loading the model
     world.start(inputs.device)  # the first collective: every process has read the recipe, tokenizer and data
     model, report = load_lora_model(cfg, inputs.device, inputs.dtype, inputs.adapter_dtype, world)
     logger.info(str(report))
@@ -154,7 +156,6 @@ def setup(inputs: RunInputs) -> Run:
         optimizer_name=optimizer_name,
     )
     if inputs.resume_from is not None:
-        dist_checkpoint.check_compatible(inputs.resume_from, world.size, world.parallel)
         if world.distributed:
             state = dist_checkpoint.load(run, inputs.resume_from)
         else:
