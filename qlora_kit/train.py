@@ -141,6 +141,8 @@ def setup(inputs: RunInputs) -> Run:
         logger.info(f"fsdp: this process holds {resident / MB:,.2f} MB of the 4-bit base ({whole / MB:,.2f} MB)")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer_name = auto_optimizer(inputs.device.type) if cfg.train.optimizer == "auto" else cfg.train.optimizer
+    if world.sharded and cfg.train.optimizer == "auto":
+        optimizer_name = "adamw"  # torch AdamW steps FSDP2 DTensor shards; bitsandbytes kernels take plain tensors
     optimizer = make_optimizer(optimizer_name, params, cfg.train, inputs.device)
     scheduler = make_scheduler(optimizer, cfg.train, inputs.total_steps)
     run = Run(

@@ -76,8 +76,13 @@ def _eval_losses(out: Path) -> list[float]:
     return [r["eval_loss"] for r in records if "eval_loss" in r]
 
 
-def _assert_same_run(out: Path, reference: Path, rtol: float = 1e-5) -> None:
-    """Losses, eval losses and the adapter of ``out`` equal ``reference``'s up to float reduction order."""
+def _assert_same_run(out: Path, reference: Path, rtol: float = 1e-5, adapter_atol: float = 1e-5) -> None:
+    """Losses, eval losses and the adapter of ``out`` equal ``reference``'s up to float reduction order.
+
+    Adam divides each gradient entry by its own running scale, so in the first steps a reduction-order
+    difference in a near-zero entry moves that weight by a small fraction of the learning rate: the adapter
+    is compared to ``adapter_atol`` (SmolLM2 at lr 3e-3: up to 4e-5 on 2 in 10^5 entries, measured).
+    """
     losses, expected = _losses(out), _losses(reference)
     assert sorted(losses) == sorted(expected)
     for step, loss in expected.items():
@@ -87,8 +92,7 @@ def _assert_same_run(out: Path, reference: Path, rtol: float = 1e-5) -> None:
     theirs = load_file(reference / "adapter" / "adapter_model.safetensors")
     assert ours.keys() == theirs.keys()
     for key, tensor in theirs.items():
-        # Adam divides by sqrt(v): a near-zero gradient's last-place difference moves a weight by ~lr x 1e-3
-        torch.testing.assert_close(ours[key], tensor, rtol=1e-4, atol=1e-5, msg=key)
+        torch.testing.assert_close(ours[key], tensor, rtol=1e-4, atol=adapter_atol, msg=key)
 
 
 @pytest.fixture(scope="module")
@@ -215,3 +219,26 @@ def test_exception_on_one_process_ends_the_job_within_seconds(tiny_model_dir, tm
     assert result.returncode != 0
     assert "injected failure on rank 1" in result.stderr
     assert elapsed < 60  # rank 0 waits in the step's all-reduce; torchrun ends it when rank 1 dies
+
+
+@pytest.mark.slow
+def test_smollm2_three_steps_equal_one_process_under_ddp_and_fsdp(smollm2_dir, tmp_path):
+    """The real SmolLM2-135M (tied embeddings: the root FSDP group holds one tensor for both): 3 steps."""
+    small = {
+        "model.name_or_path": smollm2_dir,
+        "data.val_path": "null",
+        "data.max_samples": 24,
+        "data.cutoff_len": 64,
+        "train.micro_batch_size": 1,
+        "train.max_steps": 3,
+        "train.save_steps": 0,
+    }
+    one = tmp_path / "one"
+    cmd = [sys.executable, "-m", "qlora_kit", "train", RECIPE]
+    result = _run([*cmd, *_overrides(smollm2_dir, one, **small, **{"train.gradient_accumulation_steps": 4})], 600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for parallel in ("ddp", "fsdp"):
+        out = tmp_path / parallel
+        result = _run(_torchrun_train(smollm2_dir, out, **small, **{"train.parallel": parallel}), 600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        _assert_same_run(out, one, adapter_atol=1e-4)
