@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import pickle
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +42,7 @@ from qlora_kit.checkpoint import (
 from qlora_kit.distributed import full_tensor
 from qlora_kit.errors import QloraKitError
 from qlora_kit.lora import lora_state_dict
+from qlora_kit.optim import MasterWeights
 
 if TYPE_CHECKING:
     from qlora_kit.run import Run
@@ -56,6 +59,26 @@ def _state_dicts(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
     return get_state_dict(run.model, run.optimizer, options=StateDictOptions(ignore_frozen_params=True))
 
 
+def _master_copies(run: Run) -> dict[str, torch.Tensor]:
+    """``optim.MasterWeights``' fp32 copies by parameter name (DCP's optimizer state dict leaves them out)."""
+    if not isinstance(run.optimizer, MasterWeights):
+        return {}
+    names = {id(p): name for name, p in run.model.named_parameters()}
+    return {names[id(p)]: m for p, m in run.optimizer.pairs() if m is not p}
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    """Silence a logger's warnings for the block (one that would say what the next lines then undo)."""
+    log = logging.getLogger(logger_name)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def save(run: Run, training_state: dict[str, Any]) -> Path:
     """Write checkpoint ``run.step`` from every process (a collective) and keep the newest ones."""
     import torch.distributed.checkpoint as dcp
@@ -67,6 +90,7 @@ def save(run: Run, training_state: dict[str, Any]) -> Path:
     state = {
         "model": model_state,
         "optimizer": optimizer_state,
+        "masters": _master_copies(run),
         # Python objects go in as single pickled leaves: DCP keeps one copy of a key all processes share
         "progress": pickle.dumps({**training_state, "step": run.step}),
         f"rng_{world.rank}": pickle.dumps(rng_state()),
@@ -123,20 +147,27 @@ def load(run: Run, checkpoint: Checkpoint) -> dict[str, Any]:
     world = run.world
     model_state, optimizer_state = _state_dicts(run)
     rng_key = f"rng_{world.rank}"
-    state = {"model": model_state, "optimizer": optimizer_state, "progress": b"", rng_key: b""}
+    masters = _master_copies(run)
+    loaded_masters = {name: torch.empty_like(m) for name, m in masters.items()}
+    state = {"model": model_state, "optimizer": optimizer_state, "masters": loaded_masters, "progress": b""}
+    state[rng_key] = b""
     try:
         dcp.load(state, checkpoint_id=checkpoint.path / SHARDED_STATE_NAME)
     except Exception as e:  # a damaged or foreign dir: DCP raises several kinds
         from qlora_kit.checkpoint import damaged_checkpoint_error
 
         raise damaged_checkpoint_error(checkpoint.path, SHARDED_STATE_NAME, f"{type(e).__name__}: {e}") from None
-    set_state_dict(
-        run.model,
-        run.optimizer,
-        model_state_dict=state["model"],
-        optim_state_dict=state["optimizer"],
-        # not strict: the frozen base is not in it (dcp.load already failed on any adapter key it lacked)
-        options=StateDictOptions(ignore_frozen_params=True, strict=False),
-    )
+    with _quiet("qlora_kit.optim"):  # MasterWeights warns that its copies are missing: they follow below
+        set_state_dict(
+            run.model,
+            run.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optimizer"],
+            # not strict: the frozen base is not in it (dcp.load already failed on any adapter key it lacked)
+            options=StateDictOptions(ignore_frozen_params=True, strict=False),
+        )
+    with torch.no_grad():
+        for name, m in masters.items():
+            m.copy_(loaded_masters[name])
     set_rng_state(pickle.loads(state[rng_key]))
     return pickle.loads(state["progress"])
