@@ -167,7 +167,11 @@ def profile_main(argv: list[str] | None = None) -> int:
         p.error("--steps must be at least 1")
     cfg = load_config(args.recipe, args.overrides)
     result = profile_run(cfg, args.steps)
-    paths = write_outputs(result, Path(args.out or cfg.output.dir))
+    out = Path(args.out or cfg.output.dir)
+    if result["world_size"] > 1:  # under torchrun each process measures and writes its own
+        out = out / f"profile-rank{result['rank']}"
+        print(f"process {result['rank']} of {result['world_size']} (its own peaks, its share of the plan)")
+    paths = write_outputs(result, out)
     print(format_table(result))
     print(f"wrote {', '.join(str(path) for path in paths.values())}")
     return 0
