@@ -242,3 +242,22 @@ def test_smollm2_three_steps_equal_one_process_under_ddp_and_fsdp(smollm2_dir, t
         result = _run(_torchrun_train(smollm2_dir, out, **small, **{"train.parallel": parallel}), 600)
         assert result.returncode == 0, result.stderr[-3000:]
         _assert_same_run(out, one, adapter_atol=1e-4)
+
+
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+
+
+@pytest.mark.gpu
+@two_gpus
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_gpus_nccl_equal_one_gpu(tiny_model_dir, tmp_path, parallel):
+    """One process per GPU over nccl (fp32, so the comparison is tight) against one GPU with the same global batch."""
+    cuda = {"model.device": "cuda", "model.compute_dtype": "fp32", "lora.adapter_dtype": "fp32"}
+    one = tmp_path / "one"
+    cmd = [sys.executable, "-m", "qlora_kit", "train", RECIPE]
+    result = _run([*cmd, *_overrides(tiny_model_dir, one, **cuda, **{"train.gradient_accumulation_steps": 4})])
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / parallel
+    result = _run(_torchrun_train(tiny_model_dir, out, **cuda, **{"train.parallel": parallel}))
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_same_run(out, one, rtol=1e-4, adapter_atol=1e-4)
