@@ -39,6 +39,7 @@ def _overrides(out: Path, steps: int, accumulation: int, device: str, parallel: 
         "data.max_samples=64",
         "data.cutoff_len=128",
         "data.val_path=null",
+        "lora.dropout=0",  # dropout draws from each process's RNG: the losses would differ from one process's
         "train.micro_batch_size=2",
         f"train.gradient_accumulation_steps={accumulation}",
         f"train.max_steps={steps}",
@@ -104,6 +105,10 @@ def run_config(nproc: int, parallel: str, steps: int, max_procs: int, device: st
     }
 
 
+def _label(result: dict) -> str:
+    return f"{result['processes']} x {result['parallel']}" if result["processes"] > 1 else "1 process"
+
+
 def report(results: list[dict], steps: int, note: str) -> str:
     one = results[0]["tokens_per_s"]
     rows = []
@@ -112,7 +117,7 @@ def report(results: list[dict], steps: int, note: str) -> str:
             cuda = f"{rank['cuda_peak'] / MiB:,.0f}" if "cuda_peak" in rank else "-"
             rows.append(
                 [
-                    f"{r['processes']} x {r['parallel']}" if r["processes"] > 1 else "1 process",
+                    _label(r),
                     rank["rank"],
                     f"{r['tokens_per_s']:,.0f} ({r['tokens_per_s'] / one:.2f}x)",
                     f"{rank['nf4_resident'] / MiB:,.1f} of {rank['nf4_whole'] / MiB:,.1f}",
@@ -122,7 +127,7 @@ def report(results: list[dict], steps: int, note: str) -> str:
                 ]
             )
     headers = ["run", "rank", "tokens/s (vs 1 process)", "NF4 MiB held", "peak RSS after load MiB", "peak RSS MiB"]
-    losses = {f"{r['processes']}x{r['parallel']}": r["ranks"][0]["losses"] for r in results}
+    losses = {_label(r): r["ranks"][0]["losses"] for r in results}
     return "\n\n".join(
         [
             f"# One process vs torchrun (ddp, fsdp) on SmolLM2-135M, {steps} steps of the same global batch",

@@ -154,6 +154,16 @@ class World:
         """Whether ``flag`` is set on any process (a stop request reaches them at slightly different times)."""
         return flag if not self.distributed else self.sum([float(flag)])[0] > 0
 
+    def gather(self, value: object) -> list[object]:
+        """Every process's ``value``, in rank order, on every process (small Python objects)."""
+        if not self.distributed:
+            return [value]
+        import torch.distributed as dist
+
+        values: list[object] = [None] * self.size
+        dist.all_gather_object(values, value)
+        return values
+
     def broadcast(self, value: object) -> object:
         """Rank 0's ``value`` on every process (a small Python object)."""
         if not self.distributed:

@@ -70,6 +70,7 @@ class Run(RunInputs, TrainState):
     log: RunLog
     optimizer_name: str  # resolved ("auto" -> what this machine uses), saved with the optimizer's state
     eval_loss_start: float | None = None
+    nf4_held: list[int] | None = None  # under fsdp: the NF4 bytes each process holds (its shards)
 
 
 @dataclass

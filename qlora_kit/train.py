@@ -128,7 +128,7 @@ def load_lora_model(
 def setup(inputs: RunInputs) -> Run:
     """Load the model (after the memory-budget check), build optimizer and schedule, restore a checkpoint."""
     cfg = inputs.cfg
-    world = inputs.world
+    world, held = inputs.world, None
     if inputs.resume_from is not None:  # another number of processes cannot continue it: say so before loading
         dist_checkpoint.check_compatible(inputs.resume_from, world.size, world.parallel)
     check_budget(cfg, inputs.data)  # model.max_memory_gb: refuse a run that cannot fit before loading the model
@@ -138,7 +138,9 @@ def setup(inputs: RunInputs) -> Run:
     world.wrap(model, cfg.train.fsdp_cpu_offload)  # DDP / FSDP2 (shards the parameters): before the optimizer
     if world.sharded:
         resident, whole = nf4_bytes(model)
-        logger.info(f"fsdp: this process holds {resident / MB:,.2f} MB of the 4-bit base ({whole / MB:,.2f} MB)")
+        held = world.gather(resident)
+        shown = " + ".join(f"{b / MB:,.2f}" for b in held)
+        logger.info(f"fsdp: the processes hold {shown} MB of the 4-bit base's {whole / MB:,.2f} MB")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer_name = auto_optimizer(inputs.device.type) if cfg.train.optimizer == "auto" else cfg.train.optimizer
     if world.sharded and cfg.train.optimizer == "auto":
@@ -147,6 +149,7 @@ def setup(inputs: RunInputs) -> Run:
     scheduler = make_scheduler(optimizer, cfg.train, inputs.total_steps)
     run = Run(
         **vars(inputs),
+        nf4_held=held if world.sharded else None,
         model=model,
         params=params,
         optimizer=optimizer,
@@ -435,6 +438,8 @@ def finish(run: Run, result: TrainResult) -> None:
         "wall_s": round(result.wall_s, 1),
         "trainable_params": run.lora_report.trainable_params,
     }
+    if run.world.sharded:  # what each process holds of the base (its shards), and the whole base
+        summary["nf4_bytes"], summary["nf4_bytes_per_process"] = nf4_bytes(run.model)[1], run.nf4_held
     (run.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if result.eval_loss_start is not None and result.eval_loss_end is not None:
         drop = 100 * (1 - result.eval_loss_end / result.eval_loss_start)

@@ -137,20 +137,15 @@ def test_fsdp_adapter_is_whole_and_loads_in_peft(runs, tiny_model_dir):
     assert ours[key].abs().sum() > 0  # it trained (B starts at zero)
 
 
-def test_fsdp_each_process_holds_half_of_the_4bit_base(tiny_model_dir, tmp_path):
-    out = tmp_path / "shards"
-    out.mkdir()
-    worker = str(REPO / "tests" / "distributed_worker.py")
-    overrides = _overrides(tiny_model_dir, tmp_path / "run", **{"train.parallel": "fsdp"})
-    result = _run([*TORCHRUN, worker, "shards", str(out), RECIPE, *overrides])
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
-    whole = ranks[0]["whole"]
+def test_fsdp_each_process_holds_half_of_the_4bit_base(runs, tiny_model_dir):
+    summary = json.loads((runs["fsdp"] / "summary.json").read_text())
+    whole, held = summary["nf4_bytes"], summary["nf4_bytes_per_process"]
     assert whole == quantized_bytes(load_model(tiny_model_dir, device="cpu")).quantized_total  # one process's
-    for rank in ranks:
-        assert rank["whole"] == whole
-        assert 0.45 * whole < rank["resident"] < 0.55 * whole
-    assert sum(rank["resident"] for rank in ranks) >= whole  # every byte is held somewhere (shards are padded)
+    assert len(held) == 2
+    for resident in held:
+        assert 0.45 * whole < resident < 0.55 * whole
+    assert sum(held) >= whole  # every byte is held somewhere (shards are padded)
+    assert "fsdp: the processes hold" in runs["fsdp_stdout"]
 
 
 def _kill_tree(process: subprocess.Popen) -> None:
@@ -214,7 +209,7 @@ def test_exception_on_one_process_ends_the_job_within_seconds(tiny_model_dir, tm
     worker = str(REPO / "tests" / "distributed_worker.py")
     overrides = _overrides(tiny_model_dir, tmp_path / "run", **{"train.parallel": "ddp"})
     started = time.monotonic()
-    result = _run([*TORCHRUN, worker, "raise-on-rank-1", str(tmp_path), RECIPE, *overrides], timeout=120)
+    result = _run([*TORCHRUN, worker, "raise-on-rank-1", RECIPE, *overrides], timeout=120)
     elapsed = time.monotonic() - started
     assert result.returncode != 0
     assert "injected failure on rank 1" in result.stderr
