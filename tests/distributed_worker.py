@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import time
 
 training = importlib.import_module("qlora_kit.train")  # the module (the package exports the function `train`)
 
@@ -18,7 +19,7 @@ def raise_on_rank_1(recipe: str, overrides: list[str]) -> None:
 
     def failing_step(run, batches, *args, **kwargs):
         if run.world.rank == 1 and run.step == 1:
-            raise RuntimeError("injected failure on rank 1")
+            raise RuntimeError(f"injected failure on rank 1 at {time.time():.3f}")
         return step(run, batches, *args, **kwargs)
 
     training.train_step = failing_step  # fault injection in this process only

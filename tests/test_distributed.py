@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -208,12 +209,12 @@ def test_missing_data_file_fails_every_process_at_once(tiny_model_dir, tmp_path)
 def test_exception_on_one_process_ends_the_job_within_seconds(tiny_model_dir, tmp_path):
     worker = str(REPO / "tests" / "distributed_worker.py")
     overrides = _overrides(tiny_model_dir, tmp_path / "run", **{"train.parallel": "ddp"})
-    started = time.monotonic()
     result = _run([*TORCHRUN, worker, "raise-on-rank-1", RECIPE, *overrides], timeout=120)
-    elapsed = time.monotonic() - started
+    ended = time.time()
     assert result.returncode != 0
-    assert "injected failure on rank 1" in result.stderr
-    assert elapsed < 60  # rank 0 waits in the step's all-reduce; torchrun ends it when rank 1 dies
+    failed_at = float(re.search(r"injected failure on rank 1 at ([0-9.]+)", result.stderr).group(1))
+    # rank 0 waits in the step's all-reduce (timeout: 60 s here); torchrun ends it as soon as rank 1 dies
+    assert ended - failed_at < 15
 
 
 @pytest.mark.slow
