@@ -11,8 +11,9 @@ Rank 0 makes the temp dir (``atomic_dir``) and tells the others its name; all wr
 it; rank 0 adds the adapter and marker and renames it into place once every process is done. A crash before
 the rename leaves the earlier checkpoints as they were, as in ``checkpoint.py``.
 
-Resuming needs the same number of processes (each restores its own RNG states, and under FSDP its own
-shards of the optimizer states); another number is refused with what to do instead.
+Another number of processes, or another ``train.parallel`` (one process included), resumes too: DCP reshards
+the adapter and optimizer states by parameter name; each process restores its own RNG states where the
+checkpoint has them. A single process's checkpoint (``training_state.pt``) is not resumed under torchrun.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ from qlora_kit.errors import QloraKitError
 from qlora_kit.lora import lora_state_dict
 from qlora_kit.optim import MasterWeights
 
+logger = logging.getLogger(__name__)
+
 if TYPE_CHECKING:
     from qlora_kit.run import Run
 
@@ -56,7 +59,12 @@ def full_lora_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def _state_dicts(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    return get_state_dict(run.model, run.optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    model_state, optimizer_state = get_state_dict(
+        run.model, run.optimizer, options=StateDictOptions(ignore_frozen_params=True)
+    )
+    # the adapters only: buffers are never "frozen parameters" (one process's NF4 storage is held as buffers)
+    trainable = {name for name, p in run.model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in model_state.items() if k in trainable}, optimizer_state
 
 
 def _master_copies(run: Run) -> dict[str, torch.Tensor]:
@@ -115,27 +123,36 @@ def save(run: Run, training_state: dict[str, Any]) -> Path:
     return target
 
 
+def is_sharded(checkpoint: Checkpoint) -> bool:
+    """Written by a torchrun run (its training state in DCP's format)."""
+    return (checkpoint.path / SHARDED_STATE_NAME).is_dir()
+
+
+def _marker(checkpoint: Checkpoint) -> dict[str, Any]:
+    return json.loads((checkpoint.path / MARKER_NAME).read_text())
+
+
 def check_compatible(checkpoint: Checkpoint, world_size: int, parallel: str) -> None:
-    """Refuse a checkpoint this run cannot continue: another number of processes, or another layout."""
-    sharded = (checkpoint.path / SHARDED_STATE_NAME).is_dir()
-    if not sharded and world_size == 1:
+    """Refuse a single process's checkpoint under torchrun; say what changes when a torchrun checkpoint is
+    resumed by another number of processes or another ``train.parallel`` (DCP reshards it)."""
+    if not is_sharded(checkpoint):
+        if world_size > 1:
+            raise QloraKitError(
+                f"checkpoint {checkpoint.path} was written by a single process ({STATE_NAME}); this run has "
+                f"{world_size} processes. Resume it without torchrun (qlora-kit train ...), or start a new run "
+                "here with train.resume=none"
+            )
         return
-    if not sharded:
-        raise QloraKitError(
-            f"checkpoint {checkpoint.path} was written by a single process ({STATE_NAME}); this run has "
-            f"{world_size} processes. Resume it without torchrun (qlora-kit train ...), or start a new run "
-            "here with train.resume=none"
-        )
-    marker = json.loads((checkpoint.path / MARKER_NAME).read_text())
-    saved = marker.get("world_size")
-    if saved != world_size or marker.get("parallel") != parallel:
-        how = "without torchrun" if world_size == 1 else f"with {world_size} processes ({parallel})"
-        raise QloraKitError(
-            f"checkpoint {checkpoint.path} was written by {saved} processes ({marker.get('parallel')}) and this "
-            f"run is {how}: each process resumes its own RNG states and optimizer shards, so resume with "
-            f"torchrun --nproc-per-node {saved} and train.parallel={marker.get('parallel')}. To go on with "
-            f"another number of processes, start a new run from the checkpoint's adapter "
-            "(its adapter_model.safetensors is complete) or set train.resume=none"
+    marker = _marker(checkpoint)
+    saved, saved_parallel = marker.get("world_size"), marker.get("parallel")
+    if saved != world_size or saved_parallel != parallel:
+        this = "is one process" if world_size == 1 else f"has {world_size} processes ({parallel})"
+        logger.warning(
+            f"checkpoint {checkpoint.path} was written by {saved} processes ({saved_parallel}) and this run {this}: "
+            "torch.distributed.checkpoint reshards its adapter and optimizer states. "
+            f"The global batch is now {world_size} x train.micro_batch_size x train.gradient_accumulation_steps: "
+            f"to go on with the run's batch, keep that product what it was ({saved} x ...)"
+            + (f"; processes {saved} and up start from fresh RNG states (dropout)" if world_size > saved else "")
         )
 
 
@@ -146,11 +163,13 @@ def load(run: Run, checkpoint: Checkpoint) -> dict[str, Any]:
 
     world = run.world
     model_state, optimizer_state = _state_dicts(run)
-    rng_key = f"rng_{world.rank}"
+    # each process's own RNG states; a process the checkpoint had no counterpart for keeps its seeded ones
+    rng_key = f"rng_{world.rank}" if world.rank < _marker(checkpoint).get("world_size", 1) else None
     masters = _master_copies(run)
     loaded_masters = {name: torch.empty_like(m) for name, m in masters.items()}
     state = {"model": model_state, "optimizer": optimizer_state, "masters": loaded_masters, "progress": b""}
-    state[rng_key] = b""
+    if rng_key is not None:
+        state[rng_key] = b""
     try:
         dcp.load(state, checkpoint_id=checkpoint.path / SHARDED_STATE_NAME)
     except Exception as e:  # a damaged or foreign dir: DCP raises several kinds
@@ -169,5 +188,6 @@ def load(run: Run, checkpoint: Checkpoint) -> dict[str, Any]:
     with torch.no_grad():
         for name, m in masters.items():
             m.copy_(loaded_masters[name])
-    set_rng_state(pickle.loads(state[rng_key]))
+    if rng_key is not None:
+        set_rng_state(pickle.loads(state[rng_key]))
     return pickle.loads(state["progress"])

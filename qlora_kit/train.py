@@ -129,7 +129,7 @@ def setup(inputs: RunInputs) -> Run:
     """Load the model (after the memory-budget check), build optimizer and schedule, restore a checkpoint."""
     cfg = inputs.cfg
     world, held = inputs.world, None
-    if inputs.resume_from is not None:  # another number of processes cannot continue it: say so before loading
+    if inputs.resume_from is not None:  # say what a checkpoint of another number of processes changes
         dist_checkpoint.check_compatible(inputs.resume_from, world.size, world.parallel)
     check_budget(cfg, inputs.data)  # model.max_memory_gb: refuse a run that cannot fit before loading the model
     world.start(inputs.device)  # the first collective: every process has read the recipe, tokenizer and data
@@ -161,7 +161,7 @@ def setup(inputs: RunInputs) -> Run:
         optimizer_name=optimizer_name,
     )
     if inputs.resume_from is not None:
-        if world.distributed:
+        if world.distributed or dist_checkpoint.is_sharded(inputs.resume_from):
             state = dist_checkpoint.load(run, inputs.resume_from)
         else:
             state = load_checkpoint(inputs.resume_from.path, model)
