@@ -25,7 +25,8 @@ def test_fsdp_shards_the_base_adapters_and_states_and_adds_what_it_gathers():
     before, after = _rows(one), _rows(two)
     for item in (*NF4_ROWS, "LoRA parameters", "LoRA gradients", "adamw states", "fp32 master weights"):
         assert after[item] == math.ceil(before[item] / 2), item
-    assert after["non-quantized weights"] == before["non-quantized weights"]  # the root: gathered for the step
+    root = before["non-quantized weights"]
+    assert after["non-quantized weights"] == root + math.ceil(root / 2)  # gathered for the step, beside its shard
     per_layer = (sum(before[item] for item in NF4_ROWS) + before["LoRA parameters"]) / shape.layers
     assert after["all-gathered layers"] == int(2 * per_layer)
     for item in ("checkpointed layer inputs", "largest transient", "CUDA context"):  # each process's own
@@ -42,6 +43,7 @@ def test_fsdp_cpu_offload_keeps_only_what_is_gathered_on_the_device():
     for item in (*NF4_ROWS, "LoRA parameters", "LoRA gradients", "adamw states", "fp32 master weights"):
         assert rows[item] == 0, item
     assert rows["all-gathered layers"] == _rows(sharded)["all-gathered layers"] > 0
+    assert rows["non-quantized weights"] == _rows(one)["non-quantized weights"]  # its shard is in host memory
     assert "host memory" in next(row.note for row in offloaded.rows if row.item == "NF4 codes")
 
 

@@ -7,8 +7,8 @@ process's) into the plan of one of ``gpus`` processes:
           buckets (a flat copy of the adapters' gradients that it all-reduces)
     fsdp  the 4-bit base, adapters, gradients and optimizer states are 1/N each (``fully_shard``); on top,
           the all-gathered tensors: the root group (embeddings, lm_head, final norm) stays whole for the step
-          (FSDP2 does not reshard the root after forward), and two decoder layers are whole at a time (the one
-          computing and the next, prefetched)
+          beside its shard (FSDP2 does not reshard the root after forward), and two decoder layers are whole
+          at a time (the one computing and the next, prefetched)
     + cpu offload: the shards, gradients and optimizer states live in host memory (FSDP2's
           ``CPUOffloadPolicy``; the optimizer steps on the CPU); the device holds what is all-gathered
 
@@ -71,9 +71,10 @@ def _fsdp_rows(plan: MemoryPlan, gpus: int, cpu_offload: bool) -> list[Row]:
             shard = math.ceil(row.bytes / gpus)
             note = f"1/{gpus} of {row.bytes / MB:,.1f} MB (fully_shard) {where}"
             rows.append(Row(row.category, row.item, 0 if cpu_offload else shard, f"{note}; {row.note}"))
-        elif row.item == "non-quantized weights":
-            note = f"the root group, all-gathered for the whole step (1/{gpus} at rest); {row.note}"
-            rows.append(Row(row.category, row.item, row.bytes, note))
+        elif row.item == "non-quantized weights":  # gathered for the whole step, beside its own shard
+            shard = 0 if cpu_offload else math.ceil(row.bytes / gpus)
+            note = f"the root group, all-gathered for the whole step, + its 1/{gpus} shard {where}; {row.note}"
+            rows.append(Row(row.category, row.item, row.bytes + shard, note))
         else:
             rows.append(row)
     layers = plan.model.layers
