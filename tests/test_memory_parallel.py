@@ -33,6 +33,9 @@ def test_fsdp_shards_the_base_adapters_and_states_and_adds_what_it_gathers():
         assert after[item] == before[item]
     assert one.fits is False and two.fits is True  # 70B: 38 GiB on one 24 GiB card, 22 GiB per card on two
     assert "per process of 2 (fsdp)" in two.title()
+    delta = two.tensor_bytes - one.tensor_bytes
+    assert delta < 0 and two.phases["forward"] == one.phases["forward"] + delta  # profile's planned column
+    assert two.phases["load"] == one.phases["load"]
 
 
 def test_fsdp_cpu_offload_keeps_only_what_is_gathered_on_the_device():

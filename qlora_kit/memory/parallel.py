@@ -37,7 +37,12 @@ def plan_parallel(plan: MemoryPlan, gpus: int, parallel: str, cpu_offload: bool 
     rows = _ddp_rows(plan) if parallel == "ddp" else _fsdp_rows(plan, gpus, cpu_offload)
     settings = {**plan.settings, "gpus": gpus, "parallel": parallel, "fsdp_cpu_offload": cpu_offload}
     pageable = 0 if cpu_offload else (plan.pageable_bytes if parallel == "ddp" else plan.pageable_bytes // gpus)
-    return dataclasses.replace(plan, settings=settings, rows=rows, pageable_bytes=pageable, suggestions=[])
+    ours = dataclasses.replace(plan, settings=settings, rows=rows, pageable_bytes=pageable, suggestions=[])
+    # the step's phases (profile's planned column) move by what this process holds more or less; "load" stays
+    # the one-process figure (each process loads, then shards or wraps: its peak is at most that)
+    delta = ours.tensor_bytes - plan.tensor_bytes
+    ours.phases = {name: b if name == "load" else b + delta for name, b in plan.phases.items()}
+    return ours
 
 
 def _bytes(plan: MemoryPlan, item: str) -> int:
