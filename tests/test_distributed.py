@@ -180,11 +180,12 @@ def test_killed_torchrun_job_resumes_with_the_same_losses(runs, tiny_model_dir, 
     _assert_same_run(out, runs["fsdp"], rtol=1e-6)
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_a_torchrun_checkpoint_resumes_in_one_process_through_dcp(runs, tiny_model_dir, tmp_path, parallel):
-    """The 2-process run's step-4 checkpoint, resumed by one process with the same global batch (accumulation 4):
-    DCP reshards the optimizer states, and step 5 and the adapter are those of the 2-process run."""
+def test_a_torchrun_checkpoint_resumes_in_one_process_through_dcp(runs, tiny_model_dir, tmp_path):
+    """The fsdp run's step-4 checkpoint, resumed by one process with the same global batch (accumulation 4):
+    DCP gathers the sharded optimizer states, and step 5 and the adapter are those of the 2-process run."""
     import shutil
+
+    parallel = "fsdp"
 
     out = tmp_path / "copy"
     shutil.copytree(runs[parallel], out)
@@ -196,6 +197,20 @@ def test_a_torchrun_checkpoint_resumes_in_one_process_through_dcp(runs, tiny_mod
     assert f"was written by 2 processes ({parallel}) and this run is one process" in result.stderr
     assert "resumed from" in result.stdout and "at step 4/5" in result.stdout
     _assert_same_run(out, runs[parallel])
+
+
+def test_profile_under_torchrun_measures_each_process(tiny_model_dir, tmp_path):
+    overrides = _overrides(tiny_model_dir, tmp_path / "run", **{"train.parallel": "fsdp"})
+    cmd = [*TORCHRUN, "-m", "qlora_kit", "profile", RECIPE, *overrides, "--steps", "1"]
+    result = _run(cmd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in (0, 1):
+        profile = json.loads((tmp_path / "run" / f"profile-rank{rank}" / "profile.json").read_text())
+        settings = profile["plan"]["settings"]
+        assert (settings["gpus"], settings["parallel"]) == (2, "fsdp")  # its share of the plan
+        assert profile["step_peak"]["measured"] > 0
+        assert f"process {rank} of 2" in result.stdout
+    assert result.stdout.count("training step (peak)") == 2
 
 
 def test_a_single_process_checkpoint_is_not_resumed_under_torchrun(runs):
