@@ -36,6 +36,7 @@ from qlora_kit.checkpoint import (
     STATE_NAME,
     Checkpoint,
     checkpoint_dir,
+    damaged_checkpoint_error,
     prune_checkpoints,
     rng_state,
     set_rng_state,
@@ -172,10 +173,15 @@ def load(run: Run, checkpoint: Checkpoint) -> dict[str, Any]:
         state[rng_key] = b""
     try:
         dcp.load(state, checkpoint_id=checkpoint.path / SHARDED_STATE_NAME)
-    except Exception as e:  # a damaged or foreign dir: DCP raises several kinds
-        from qlora_kit.checkpoint import damaged_checkpoint_error
-
-        raise damaged_checkpoint_error(checkpoint.path, SHARDED_STATE_NAME, f"{type(e).__name__}: {e}") from None
+    except (Exception, dcp.CheckpointException) as e:  # a damaged dir, or one saved with other settings
+        # (DCP raises several kinds; its CheckpointException, which gathers every process's, is a BaseException)
+        if isinstance(e, dcp.CheckpointException) and e.failures:  # the first process's own error, no traceback
+            e = next(iter(e.failures.values()))[0]
+        problem = (
+            f"{type(e).__name__}{f': {e}' if str(e) else ''}. If train.optimizer, train.fp32_master_weights or the lora settings changed "
+            "since it was saved, resume with the ones it was saved with"
+        )
+        raise damaged_checkpoint_error(checkpoint.path, SHARDED_STATE_NAME, problem) from None
     with _quiet("qlora_kit.optim"):  # MasterWeights warns that its copies are missing: they follow below
         set_state_dict(
             run.model,

@@ -213,6 +213,24 @@ def test_profile_under_torchrun_measures_each_process(tiny_model_dir, tmp_path):
     assert result.stdout.count("training step (peak)") == 2
 
 
+def test_a_damaged_torchrun_checkpoint_is_named_and_nothing_is_lost(runs, tiny_model_dir, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(runs["fsdp"], out)
+    shutil.rmtree(out / "adapter")
+    last = list_checkpoints(out)[-1].path
+    shard = next((last / "training_state").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])  # a torn copy
+    before = sorted(p.name for p in out.rglob("*"))
+    cmd = [sys.executable, "-m", "qlora_kit", "train", RECIPE]
+    result = _run([*cmd, *_overrides(tiny_model_dir, out, **{"train.max_steps": 7})])
+    assert result.returncode == 2
+    assert f"checkpoint {last} is damaged (training_state:" in result.stderr
+    assert "train.resume=" in result.stderr and "Traceback" not in result.stderr
+    assert sorted(p.name for p in out.rglob("*")) == before  # nothing written, nothing deleted
+
+
 def test_a_single_process_checkpoint_is_not_resumed_under_torchrun(runs):
     from qlora_kit.dist_checkpoint import check_compatible
     from qlora_kit.errors import QloraKitError
