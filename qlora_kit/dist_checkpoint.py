@@ -177,9 +177,10 @@ def load(run: Run, checkpoint: Checkpoint) -> dict[str, Any]:
         # (DCP raises several kinds; its CheckpointException, which gathers every process's, is a BaseException)
         if isinstance(e, dcp.CheckpointException) and e.failures:  # the first process's own error, no traceback
             e = next(iter(e.failures.values()))[0]
+        what = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         problem = (
-            f"{type(e).__name__}{f': {e}' if str(e) else ''}. If train.optimizer, train.fp32_master_weights or the lora settings changed "
-            "since it was saved, resume with the ones it was saved with"
+            f"{what}. If train.optimizer, train.fp32_master_weights or the lora settings changed since it was "
+            "saved, resume with the ones it was saved with"
         )
         raise damaged_checkpoint_error(checkpoint.path, SHARDED_STATE_NAME, problem) from None
     with _quiet("qlora_kit.optim"):  # MasterWeights warns that its copies are missing: they follow below
