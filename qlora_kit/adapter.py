@@ -146,13 +146,15 @@ def write_adapter_files(
     base_model_name_or_path: str | None = None,
     metadata: dict[str, Any] | None = None,
     lora: LoRASettings | None = None,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write the adapter files (and ``metadata`` as qlora_kit.json) into an existing directory.
 
-    No atomicity: callers own the directory (``save_adapter``, ``checkpoint.save_checkpoint``).
+    No atomicity: callers own the directory (``save_adapter``, ``checkpoint.save_checkpoint``). ``state``:
+    the weights when the model does not hold them whole (FSDP shards: ``distributed.full_lora_state``).
     """
     config = adapter_config_of(model, base_model_name_or_path, lora)
-    state = {k: v.contiguous() for k, v in lora_state_dict(model).items()}
+    state = {k: v.contiguous() for k, v in (lora_state_dict(model) if state is None else state).items()}
     save_file(state, directory / WEIGHTS_NAME, metadata={"format": "pt"})
     (directory / CONFIG_NAME).write_text(json.dumps(config.to_peft_json(), indent=2) + "\n")
     if metadata is not None:
@@ -165,15 +167,16 @@ def save_adapter(
     base_model_name_or_path: str | None = None,
     metadata: dict[str, Any] | None = None,
     lora: LoRASettings | None = None,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Atomically (re)write ``directory`` as a PEFT-layout adapter dir (``metadata``: see ``write_metadata``;
-    ``lora``: the run's LoRA config, see ``adapter_config_of``)."""
+    ``lora``: the run's LoRA config, see ``adapter_config_of``; ``state``: see ``write_adapter_files``)."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise QloraKitError(f"{directory} is a file; choose a directory path for the adapter")
     try:
         with atomic_dir(directory) as tmp:
-            write_adapter_files(model, tmp, base_model_name_or_path, metadata, lora)
+            write_adapter_files(model, tmp, base_model_name_or_path, metadata, lora, state)
     except OSError as e:
         earlier = " The adapter that was there is intact." if directory.is_dir() else ""
         raise QloraKitError(

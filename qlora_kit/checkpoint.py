@@ -32,6 +32,7 @@ from qlora_kit.errors import QloraKitError
 from qlora_kit.lora import load_lora_state_dict
 
 STATE_NAME = "training_state.pt"
+SHARDED_STATE_NAME = "training_state"  # a torchrun run's: torch.distributed.checkpoint's dir (dist_checkpoint)
 MARKER_NAME = "checkpoint.json"
 
 
@@ -96,12 +97,19 @@ def save_checkpoint(
             f"could not write checkpoint {target} ({e}); earlier checkpoints are untouched. "
             "Free disk space (or lower train.save_total_limit) and resume with train.resume=auto"
         ) from None
-    # Only intact checkpoints count and are pruned: a damaged one is left for the user to look at or delete
-    # (resume=auto refuses to pass over it silently), and it never pushes a good one out.
+    prune_checkpoints(run_dir, keep_last)
+    return target
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` intact checkpoints.
+
+    Only intact checkpoints count and are pruned: a damaged one is left for the user to look at or delete
+    (resume=auto refuses to pass over it silently), and it never pushes a good one out.
+    """
     intact = [c for c in list_checkpoints(run_dir) if c.damage is None]
     for old in intact[:-keep_last]:
         shutil.rmtree(old.path, ignore_errors=True)
-    return target
 
 
 def list_checkpoints(run_dir: Path) -> list[Checkpoint]:
@@ -164,7 +172,8 @@ def find_resume_checkpoint(resume: str, run_dir: Path) -> Checkpoint | None:
         path, step, damage = found[-1].path, found[-1].step, found[-1].damage
     else:
         path = Path(resume)
-        if not (path / MARKER_NAME).is_file() or not (path / STATE_NAME).is_file():
+        has_state = (path / STATE_NAME).is_file() or (path / SHARDED_STATE_NAME).is_dir()
+        if not (path / MARKER_NAME).is_file() or not has_state:
             raise QloraKitError(
                 f"train.resume={resume!r} is not a complete checkpoint dir (it needs {MARKER_NAME} and "
                 f"{STATE_NAME}); checkpoints are in OUTPUT_DIR/checkpoints/step-NNNNNN, or use train.resume=auto"

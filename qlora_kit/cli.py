@@ -47,6 +47,8 @@ def train_main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lora.r=8 train.max_steps=10")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args = parser.parse_intermixed_args(argv)  # key=value overrides may follow options
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun only rank 0 talks; the others say only errors
+        logging.getLogger("qlora_kit").setLevel(logging.ERROR)
     cfg = load_config(args.recipe, args.overrides)
     if args.print_config:
         print(to_yaml(cfg))
@@ -67,7 +69,7 @@ PLAN_EPILOG = f"""exit status:
 
 def plan_main(argv: list[str] | None = None) -> int:
     """``qlora-kit plan``: the memory plan of a run (exit status 3 when it does not fit in --gpu)."""
-    from qlora_kit.memory import PRESETS, model_shape, plan_memory
+    from qlora_kit.memory import PRESETS, model_shape, plan_memory, plan_parallel
 
     p = argparse.ArgumentParser(
         prog="qlora-kit plan",
@@ -94,6 +96,9 @@ def plan_main(argv: list[str] | None = None) -> int:
         help="fp32 master copies of 16-bit adapters (train.fp32_master_weights; default on): 4 B/param",
     )
     p.add_argument("--gpu", help="memory to fit in: 24GB, 48GB, 80GB (as GiB: 24GB = 24 x 2^30) or bytes")
+    p.add_argument("--gpus", type=int, default=1, help="processes (GPUs) under torchrun: the plan is per process")
+    p.add_argument("--parallel", default="ddp", choices=("ddp", "fsdp"), help="with --gpus > 1 (train.parallel)")
+    p.add_argument("--fsdp-cpu-offload", action="store_true", help="fsdp shards in host RAM (train.fsdp_cpu_offload)")
     p.add_argument("--max", choices=("batch", "seq"), help="print the largest batch or seq that fits in --gpu")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--list-presets", action="store_true", help="list the built-in model shapes")
@@ -108,15 +113,21 @@ def plan_main(argv: list[str] | None = None) -> int:
         p.error("--model is required (an HF dir, hub id or one of --list-presets)")
     if args.max and args.gpu is None:
         p.error("--max needs --gpu")
+    if args.gpus < 1 or (args.max and args.gpus > 1):
+        p.error("--gpus must be >= 1, and --max plans one process (leave --gpus out)")
+    if args.fsdp_cpu_offload and (args.parallel != "fsdp" or args.gpus < 2):
+        p.error("--fsdp-cpu-offload needs --parallel fsdp and --gpus 2 or more")
     gpu = parse_size(args.gpu, "--gpu") if args.gpu is not None else None
     knobs = dict(seq_len=args.seq, batch_size=args.batch, rank=args.rank, targets=args.targets)
-    knobs |= dict(optimizer=args.optimizer, checkpointing=args.checkpointing == "on", device=args.device)
+    optimizer = "adamw" if args.optimizer == "auto" and args.gpus > 1 and args.parallel == "fsdp" else args.optimizer
+    knobs |= dict(optimizer=optimizer, checkpointing=args.checkpointing == "on", device=args.device)
     knobs |= dict(compute_dtype=args.compute_dtype, adapter_dtype=args.adapter_dtype, lora_dropout=args.dropout)
     knobs |= dict(grad_accumulation=args.accum, master_weights=args.master_weights == "on")
     shape = model_shape(args.model)
     if args.max:
         return _print_max(shape, gpu, args.max, args.json, knobs)
-    plan = plan_memory(shape, **knobs, gpu_bytes=gpu)
+    plan = plan_memory(shape, **knobs, gpu_bytes=gpu, suggest=args.gpus == 1)
+    plan = plan_parallel(plan, args.gpus, args.parallel, args.fsdp_cpu_offload)  # one process: as it is
     print(plan.to_json() if args.json else plan.table())
     return EXIT_DOES_NOT_FIT if plan.fits is False else 0
 
@@ -156,7 +167,11 @@ def profile_main(argv: list[str] | None = None) -> int:
         p.error("--steps must be at least 1")
     cfg = load_config(args.recipe, args.overrides)
     result = profile_run(cfg, args.steps)
-    paths = write_outputs(result, Path(args.out or cfg.output.dir))
+    out = Path(args.out or cfg.output.dir)
+    if result["world_size"] > 1:  # under torchrun each process measures and writes its own
+        out = out / f"profile-rank{result['rank']}"
+        print(f"process {result['rank']} of {result['world_size']} (its own peaks, its share of the plan)")
+    paths = write_outputs(result, out)
     print(format_table(result))
     print(f"wrote {', '.join(str(path) for path in paths.values())}")
     return 0

@@ -46,6 +46,7 @@ def resolve_adapter_dtype(adapter_dtype: str, compute_dtype: str) -> str:
 OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit", "adamw")
 OPTIMIZER_CHOICES = ("auto", *OPTIMIZERS)
 LR_SCHEDULERS = ("constant", "cosine", "linear")
+PARALLEL_CHOICES = ("auto", "ddp", "fsdp")  # train.parallel: how torchrun's processes share the work
 
 
 # optim.MasterWeights steps the fp32 master copies of 16-bit adapters this many values at a time: their fp32

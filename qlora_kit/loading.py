@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from qlora_kit.architecture import decoder_linear_names
+from qlora_kit.architecture import decoder_layers, decoder_linear_names
 from qlora_kit.errors import QloraKitError
 from qlora_kit.facts import DTYPE_CHOICES, auto_compute_dtype
 from qlora_kit.models import resolve_model_dir
@@ -36,6 +37,7 @@ from qlora_kit.weights import (
 )
 
 logger = logging.getLogger(__name__)
+LayerLoaded = Callable[[nn.Module, str, nn.Module], None]  # (model, layer name, layer): see load_model
 
 # facts.DTYPE_NAMES as torch dtypes: the one place a dtype name becomes a torch.dtype
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -136,11 +138,15 @@ def load_model(
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "auto",
     quantize: bool = True,
+    on_layer: LayerLoaded | None = None,
 ) -> nn.Module:
     """A causal LM with NF4 decoder linears (or dense ones with ``quantize=False``), ready for ``add_lora``.
 
     ``name_or_path``: a checkpoint dir, a hub id, or a short id (see ``qlora_kit.models``).
     The returned model has ``model.name_or_path`` set to the resolved directory and is in eval mode.
+    ``on_layer(model, name, layer)``: called as soon as each decoder layer is read whole, layers in order
+    (the tensors are then read layer by layer, the others first); FSDP shards each layer there, so a process
+    never holds more than its shards plus one layer (``distributed.World.layer_loader``).
     """
     model_dir = resolve_model_dir(str(name_or_path))
     device = device if isinstance(device, torch.device) else resolve_device(device)
@@ -153,9 +159,10 @@ def load_model(
     packed = layout.linears if prequantized else frozenset()
     unused = check_checkpoint(layout, entries, model_dir, packed)  # before a single weight is read
 
-    for name, entry in entries.items():
-        if name not in layout.shapes or (layout.tied and name == layout.output_key):
-            continue  # unused, a piece of a 4-bit weight's state (read with its codes), or tied to the input
+    wanted = [n for n in entries if n in layout.shapes and not (layout.tied and n == layout.output_key)]
+    layers = _LayerProgress(model, wanted, on_layer) if on_layer is not None else None
+    for name in layers.order if layers is not None else wanted:
+        entry = entries[name]
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
         if name in packed:
@@ -164,6 +171,8 @@ def load_model(
             module.load_weight(read_tensor(entry).to(device))  # the dense source goes at once: only codes stay
         else:
             setattr(module, attr, nn.Parameter(read_tensor(entry).to(device).to(dtype), requires_grad=False))
+        if layers is not None:
+            layers.loaded(name)
         release_freed_memory()
 
     if layout.tied:
@@ -175,6 +184,36 @@ def load_model(
     model.name_or_path = str(model_dir)
     model.config.name_or_path = str(model_dir)
     return model.eval()
+
+
+class _LayerProgress:
+    """Which decoder layer each tensor belongs to; calls ``on_layer`` when a layer's last tensor is in."""
+
+    def __init__(self, model: nn.Module, names: list[str], on_layer: LayerLoaded) -> None:
+        self.model, self.on_layer = model, on_layer
+        layers = decoder_layers(model)
+        self.prefix = next(name for name, module in model.named_modules() if module is layers) + "."
+        self.left: dict[int, set[str]] = {}
+        for name in names:
+            index = self._layer_of(name)
+            if index is not None:
+                self.left.setdefault(index, set()).add(name)
+        # the tensors outside the layers first, then layer by layer (in the files' order within a layer)
+        self.order = sorted(names, key=lambda n: -1 if self._layer_of(n) is None else self._layer_of(n))
+
+    def _layer_of(self, name: str) -> int | None:
+        if not name.startswith(self.prefix):
+            return None
+        return int(name[len(self.prefix) :].split(".", 1)[0])
+
+    def loaded(self, name: str) -> None:
+        index = self._layer_of(name)
+        if index is None:
+            return
+        self.left[index].discard(name)
+        if not self.left[index]:
+            layer_name = f"{self.prefix}{index}"
+            self.on_layer(self.model, layer_name, self.model.get_submodule(layer_name))
 
 
 def _materialize_buffers(model: nn.Module, config, device: torch.device) -> None:

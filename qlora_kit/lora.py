@@ -195,16 +195,29 @@ def add_lora(
         raise QloraKitError(f"LoRA rank r must be > 0, got {r}")
     names = resolve_targets(model, targets)
     model.requires_grad_(False)
+    wrap_linears(model, names, r, alpha, dropout, use_rslora, dtype)
+    return lora_report(model, names)
+
+
+def wrap_linears(
+    model: nn.Module, names: Iterable[str], r: int, alpha: float, dropout: float, use_rslora: bool, dtype: torch.dtype
+) -> None:
+    """Wrap each linear ``names`` lists in a ``LoRALinear``, in order (each draws its A from torch's RNG)."""
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        wrapped = LoRALinear(getattr(parent, child), r, alpha, dropout, use_rslora, dtype)
-        setattr(parent, child, wrapped)
-    report = LoRAReport(adapted=names)
+        setattr(parent, child, LoRALinear(getattr(parent, child), r, alpha, dropout, use_rslora, dtype))
+
+
+def lora_report(model: nn.Module, adapted: list[str]) -> LoRAReport:
+    """The counts of a model with adapters: each 4-bit weight counts as its number of values, whether its NF4
+    storage is held as buffers or (sharded by FSDP2) as frozen parameters."""
+    report = LoRAReport(adapted=adapted)
+    seen: set[int] = set()
     for module in model.modules():
         if isinstance(module, NF4Linear):
             report.total_params += module.in_features * module.out_features
-    seen: set[int] = set()
+            seen.update(id(t) for t in module.parameters(recurse=False) if t is not module.bias)
     for param in model.parameters():
         if id(param) not in seen:
             seen.add(id(param))

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from qlora_kit.config import TrainConfig
+from qlora_kit.distributed import local_tensor
 from qlora_kit.errors import QloraKitError
 from qlora_kit.facts import MASTER_STEP_NUMEL, auto_optimizer
 
@@ -145,7 +146,18 @@ class MasterWeights(torch.optim.Optimizer):
                 p.grad = grad
         if any(grad is not None for _, grad in own):
             self.inner.step()
+        self._mark_stateful()
         return loss
+
+    def _mark_stateful(self) -> None:
+        """Make ``self.state`` non-empty once the inner optimizer holds states (they are all its own).
+
+        torch.distributed.checkpoint's ``get_optimizer_state_dict`` "initializes" an optimizer whose ``state``
+        is empty with a zero-gradient step at lr 0, which still decays Adam's moments and counts a step: it
+        must see this optimizer as initialized once the inner one is.
+        """
+        if self.inner.state and not self.state:
+            self.state[self.param_groups[0]["params"][0]] = {}
 
     def _step_copies(self, chunk: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Step these master copies and write them back rounded to their parameters' dtype.
@@ -154,7 +166,9 @@ class MasterWeights(torch.optim.Optimizer):
         tensor without one (its state and step count stay as they are), so stepping the copies chunk by
         chunk is one optimizer step whose fp32 gradients never all exist at once.
         """
-        written = torch.stack([torch.ne(p, m.to(p.dtype)).any() for p, m in chunk]).tolist()  # one sync
+        # one sync; under FSDP2 each process compares its own shards (DTensors cannot be stacked to a list)
+        written = torch.stack([torch.ne(local_tensor(p), local_tensor(m).to(p.dtype)).any() for p, m in chunk])
+        written = written.tolist()
         for (p, m), changed in zip(chunk, written, strict=True):
             if changed:  # the parameter was written outside the optimizer (weights loaded): follow it
                 m.copy_(p)
@@ -182,6 +196,7 @@ class MasterWeights(torch.optim.Optimizer):
         masters = state.pop(MASTER_KEY, None)
         self.inner.load_state_dict(state)
         self._pull_hyperparameters()
+        self._mark_stateful()
         if masters is None:
             logger.warning(
                 "the optimizer state holds no fp32 master weights (saved with train.fp32_master_weights=false "
@@ -214,11 +229,12 @@ def _master_copy(p: torch.Tensor) -> torch.Tensor:
     return p.detach().to(torch.float32, copy=True) if p.dtype in HALF_DTYPES else p
 
 
-def total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
-    """``max_steps`` when set, else ``num_epochs`` worth of optimizer steps (at least one)."""
+def total_steps(cfg: TrainConfig, batches_per_epoch: int, processes: int = 1) -> int:
+    """``max_steps`` when set, else ``num_epochs`` worth of optimizer steps (at least one); each step takes
+    ``processes x gradient_accumulation_steps`` micro-batches."""
     if cfg.max_steps > 0:
         return cfg.max_steps
-    return max(1, math.ceil(cfg.num_epochs * batches_per_epoch / cfg.gradient_accumulation_steps))
+    return max(1, math.ceil(cfg.num_epochs * batches_per_epoch / (cfg.gradient_accumulation_steps * processes)))
 
 
 def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:

@@ -19,6 +19,7 @@ from torch import nn
 from qlora_kit.checkpoint import Checkpoint
 from qlora_kit.config import RunConfig
 from qlora_kit.data import BatchPlan, PreparedData
+from qlora_kit.distributed import World
 from qlora_kit.lora import LoRAReport
 from qlora_kit.runlog import RunLog
 
@@ -38,6 +39,7 @@ class RunInputs:
     total_steps: int
     resume_from: Checkpoint | None
     started: float = field(default_factory=time.perf_counter)  # for the run's wall time
+    world: World = field(default_factory=World)  # torchrun's processes (one: World())
 
     @property
     def complete(self) -> bool:
@@ -57,6 +59,7 @@ class TrainState:
     max_grad_norm: float = 0.0  # 0: no clipping
     grad_scaler: torch.amp.GradScaler | None = None  # dynamic loss scaling, for fp16 compute
     step: int = 0
+    world: World = field(default_factory=World)  # the step's collectives and DDP/FSDP wrapper (one process: none)
 
 
 @dataclass(kw_only=True)
@@ -67,6 +70,7 @@ class Run(RunInputs, TrainState):
     log: RunLog
     optimizer_name: str  # resolved ("auto" -> what this machine uses), saved with the optimizer's state
     eval_loss_start: float | None = None
+    nf4_held: list[int] | None = None  # under fsdp: the NF4 bytes each process holds (its shards)
 
 
 @dataclass

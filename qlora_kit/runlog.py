@@ -46,6 +46,19 @@ class RunLog:
             self._writer = None
 
 
+class QuietLog(RunLog):
+    """The metrics log of a process other than rank 0: records nothing (rank 0 writes the run's metrics)."""
+
+    def __init__(self) -> None:
+        super().__init__(Path(), False)
+
+    def start(self, step: int) -> None:
+        pass
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+
 def _tensorboard_writer(out: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter

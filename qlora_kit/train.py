@@ -30,19 +30,21 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from qlora_kit import dist_checkpoint
 from qlora_kit.adapter import save_adapter
 from qlora_kit.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
 from qlora_kit.config import RunConfig, load_config, to_yaml
 from qlora_kit.data import BatchPlan, PreparedData, eval_batches, prepare_data, prompt_template
+from qlora_kit.distributed import World, full_tensor, nf4_bytes
 from qlora_kit.errors import QloraKitError
-from qlora_kit.facts import auto_optimizer, resolve_adapter_dtype
+from qlora_kit.facts import MB, auto_optimizer, resolve_adapter_dtype
 from qlora_kit.loading import DTYPES, dtype_name, load_model, load_tokenizer, resolve_device, resolve_dtype
 from qlora_kit.lora import LoRAReport, add_lora
-from qlora_kit.loss import causal_lm_loss, label_count
+from qlora_kit.loss import label_count
 from qlora_kit.memory import check_budget
 from qlora_kit.optim import make_optimizer, make_scheduler, repage_states, total_steps
 from qlora_kit.run import Run, RunInputs, StepStats, TrainResult, TrainState
-from qlora_kit.runlog import RunLog, memory_gb
+from qlora_kit.runlog import QuietLog, RunLog, memory_gb
 from qlora_kit.samples import reproduce_commands, sample_prompts, write_samples
 
 logger = logging.getLogger(__name__)
@@ -77,7 +79,9 @@ def make_batch_plan(cfg: RunConfig, data: PreparedData) -> BatchPlan:
 def prepare(cfg: RunConfig) -> RunInputs:
     """Everything up to the weights; seeds the RNGs, so the adapter init and dropout follow ``train.seed``."""
     started = time.perf_counter()
+    world = World.from_env(cfg.train.parallel)  # torchrun's processes; every one reads and checks all below
     device, dtype, adapter_dtype = resolve_run_dtypes(cfg)
+    device = world.device(device)
     random.seed(cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
     out = Path(cfg.output.dir)  # created only once setup has succeeded: a failed start leaves no empty dir
@@ -85,7 +89,7 @@ def prepare(cfg: RunConfig) -> RunInputs:
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     data = prepare_data(cfg.data, tokenizer)
     batches = make_batch_plan(cfg, data)
-    steps = total_steps(cfg.train, len(batches))
+    steps = total_steps(cfg.train, len(batches), world.size)
     return RunInputs(
         cfg=cfg,
         out=out,
@@ -98,16 +102,24 @@ def prepare(cfg: RunConfig) -> RunInputs:
         total_steps=steps,
         resume_from=resume_from,
         started=started,
+        world=world,
     )
 
 
 def load_lora_model(
-    cfg: RunConfig, device: torch.device, dtype: torch.dtype, adapter_dtype: torch.dtype
+    cfg: RunConfig, device: torch.device, dtype: torch.dtype, adapter_dtype: torch.dtype, world: World | None = None
 ) -> tuple[nn.Module, LoRAReport]:
-    """The recipe's 4-bit model with its LoRA adapters (and gradient checkpointing if asked): what fit trains."""
-    model = load_model(cfg.model.name_or_path, device=device, dtype=dtype)
+    """The recipe's 4-bit model with its LoRA adapters (and gradient checkpointing if asked): what fit trains.
+
+    Under FSDP each decoder layer gets its adapters and is sharded as it is loaded (``distributed.ShardOnLoad``).
+    """
     lc = cfg.lora
-    report = add_lora(model, lc.targets, lc.r, lc.alpha, lc.dropout, lc.use_rslora, adapter_dtype)
+    shard = (world or World()).layer_loader(lc, adapter_dtype, cfg.train.fsdp_cpu_offload)
+    model = load_model(cfg.model.name_or_path, device=device, dtype=dtype, on_layer=shard)
+    if shard is None:
+        report = add_lora(model, lc.targets, lc.r, lc.alpha, lc.dropout, lc.use_rslora, adapter_dtype)
+    else:
+        report = shard.report(model)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, report
@@ -116,15 +128,28 @@ def load_lora_model(
 def setup(inputs: RunInputs) -> Run:
     """Load the model (after the memory-budget check), build optimizer and schedule, restore a checkpoint."""
     cfg = inputs.cfg
+    world, held = inputs.world, None
+    if inputs.resume_from is not None:  # say what a checkpoint of another number of processes changes
+        dist_checkpoint.check_compatible(inputs.resume_from, world.size, world.parallel)
     check_budget(cfg, inputs.data)  # model.max_memory_gb: refuse a run that cannot fit before loading the model
-    model, report = load_lora_model(cfg, inputs.device, inputs.dtype, inputs.adapter_dtype)
+    world.start(inputs.device)  # the first collective: every process has read the recipe, tokenizer and data
+    model, report = load_lora_model(cfg, inputs.device, inputs.dtype, inputs.adapter_dtype, world)
     logger.info(str(report))
+    world.wrap(model, cfg.train.fsdp_cpu_offload)  # DDP / FSDP2 (shards the parameters): before the optimizer
+    if world.sharded:
+        resident, whole = nf4_bytes(model)
+        held = world.gather(resident)
+        shown = " + ".join(f"{b / MB:,.2f}" for b in held)
+        logger.info(f"fsdp: the processes hold {shown} MB of the 4-bit base's {whole / MB:,.2f} MB")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer_name = auto_optimizer(inputs.device.type) if cfg.train.optimizer == "auto" else cfg.train.optimizer
+    if world.sharded and cfg.train.optimizer == "auto":
+        optimizer_name = "adamw"  # torch AdamW steps FSDP2 DTensor shards; bitsandbytes kernels take plain tensors
     optimizer = make_optimizer(optimizer_name, params, cfg.train, inputs.device)
     scheduler = make_scheduler(optimizer, cfg.train, inputs.total_steps)
     run = Run(
         **vars(inputs),
+        nf4_held=held if world.sharded else None,
         model=model,
         params=params,
         optimizer=optimizer,
@@ -132,12 +157,15 @@ def setup(inputs: RunInputs) -> Run:
         max_grad_norm=cfg.train.max_grad_norm,
         grad_scaler=torch.amp.GradScaler(inputs.device.type) if inputs.dtype == torch.float16 else None,
         lora_report=report,
-        log=RunLog(inputs.out, cfg.output.tensorboard),
+        log=RunLog(inputs.out, cfg.output.tensorboard) if world.is_main else QuietLog(),
         optimizer_name=optimizer_name,
     )
     if inputs.resume_from is not None:
-        state = load_checkpoint(inputs.resume_from.path, model)
-        _restore_optimizer(run, state)
+        if world.distributed or dist_checkpoint.is_sharded(inputs.resume_from):
+            state = dist_checkpoint.load(run, inputs.resume_from)
+        else:
+            state = load_checkpoint(inputs.resume_from.path, model)
+            _restore_optimizer(run, state)
         scheduler.load_state_dict(state["scheduler"])
         if run.grad_scaler is not None and "grad_scaler" in state:
             run.grad_scaler.load_state_dict(state["grad_scaler"])
@@ -184,20 +212,26 @@ def train_step(run: TrainState, micro_batches: list[dict[str, torch.Tensor]], ph
     loss is divided by the step's total label count before backward, so the accumulated gradient is the
     gradient of the step's mean loss per token.
     """
-    n_labels = max(sum(label_count(batch) for batch in micro_batches), 1)
+    world = run.world  # several processes: the step's label count is all processes' (see distributed.py)
+    (n_labels,) = world.sum([sum(label_count(batch) for batch in micro_batches)])
+    n_labels = max(int(n_labels), 1)
     loss_total, tokens = 0.0, 0
-    for batch in micro_batches:
-        with phase("forward"):
-            loss_sum, _ = causal_lm_loss(run.model, batch)
-        loss_total += loss_sum.item()
-        with phase("backward"):
-            loss = loss_sum / n_labels
-            (loss if run.grad_scaler is None else run.grad_scaler.scale(loss)).backward()
-            del loss
-        # The loss holds the graph, and through it what checkpointing saved: let it go before the next micro-batch
-        # and the optimizer step (measured: 1.06 MB of 6.4 MB in a tiny model's optimizer step with checkpointing).
-        del loss_sum
+    for index, batch in enumerate(micro_batches):
+        with world.grad_sync(last=index == len(micro_batches) - 1):
+            with phase("forward"):
+                loss_sum, _ = world.loss(run.model, batch)
+            loss_total += loss_sum.item()
+            with phase("backward"):
+                loss = loss_sum / n_labels if world.size == 1 else loss_sum * world.grad_scale / n_labels
+                (loss if run.grad_scaler is None else run.grad_scaler.scale(loss)).backward()
+                del loss
+            # The loss holds the graph, and through it what checkpointing saved: let it go before the next
+            # micro-batch and the optimizer step (measured: 1.06 MB of 6.4 MB in a tiny model's optimizer step
+            # with checkpointing).
+            del loss_sum
         tokens += int(batch["input_ids"].numel())
+    if world.distributed:
+        loss_total, tokens = world.sum([loss_total, tokens])
     loss = loss_total / n_labels
     if not math.isfinite(loss):
         raise QloraKitError(
@@ -210,7 +244,7 @@ def train_step(run: TrainState, micro_batches: list[dict[str, torch.Tensor]], ph
         if run.grad_scaler is not None:
             run.grad_scaler.unscale_(run.optimizer)  # clip the true gradients
         max_norm = run.max_grad_norm
-        grad_norm = torch.nn.utils.clip_grad_norm_(run.params, max_norm).item() if max_norm > 0 else None
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(run.params, max_norm)).item() if max_norm > 0 else None
         if run.grad_scaler is None:
             run.optimizer.step()
         else:  # skips the step when the scaled gradients overflowed, then adapts the scale
@@ -220,20 +254,29 @@ def train_step(run: TrainState, micro_batches: list[dict[str, torch.Tensor]], ph
             run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
-    return StepStats(loss, n_labels, tokens, grad_norm, lr)
+    return StepStats(loss, n_labels, int(tokens), grad_norm, lr)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: PreparedData, batch_size: int) -> float:
-    """Mean loss per labelled token over the validation set."""
+def evaluate(model: nn.Module, data: PreparedData, batch_size: int, world: World | None = None) -> float:
+    """Mean loss per labelled token over the validation set (several processes: each takes every
+    ``world.size``-th batch, and the sums are all-reduced)."""
+    world = world or World()
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total, count, ran, spare = 0.0, 0, 0, None
     device = model.get_input_embeddings().weight.device
-    for batch in eval_batches(data.val, batch_size, data.pad_token_id):
-        loss, n = causal_lm_loss(model, {k: v.to(device) for k, v in batch.items()})
-        total, count = total + loss.item(), count + n
+    for index, batch in enumerate(eval_batches(data.val, batch_size, data.pad_token_id)):
+        spare = spare or batch
+        if index % world.size == world.rank:
+            loss, n = world.loss(model, {k: v.to(device) for k, v in batch.items()})
+            total, count, ran = total + loss.item(), count + n, ran + 1
+    if world.sharded and spare is not None:  # FSDP: every process runs as many forwards (each all-gathers)
+        n_batches = math.ceil(len(data.val) / batch_size)
+        for _ in range(math.ceil(n_batches / world.size) - ran):  # the extra one's loss is dropped
+            world.loss(model, {k: v.to(device) for k, v in spare.items()})
     model.train(was_training)
+    total, count = world.sum([total, count])
     return total / max(count, 1)
 
 
@@ -274,6 +317,8 @@ def checkpoint(run: Run) -> Path:
         "data": run.batches.state_dict(),
         "eval_loss_start": run.eval_loss_start,
     }
+    if run.world.distributed:  # every process writes its shards
+        return dist_checkpoint.save(run, state)
     base, limit = run.cfg.model.name_or_path, run.cfg.train.save_total_limit
     return save_checkpoint(run.out, run.step, run.model, state, base, limit, lora=run.cfg.lora)
 
@@ -282,13 +327,22 @@ def _start(run: Run) -> None:
     """At step 0: the before-training samples and the starting eval loss."""
     if run.step > 0:
         return
-    prompts = sample_prompts(run.cfg, run.data)
+    prompts = _sample_prompts(run)
     if prompts:
         write_samples(run.out / "samples_before.json", "before training", run.model, run.tokenizer, prompts, run.cfg)
     if run.data.val:
-        run.eval_loss_start = evaluate(run.model, run.data, run.cfg.train.micro_batch_size)
+        run.eval_loss_start = evaluate(run.model, run.data, run.cfg.train.micro_batch_size, run.world)
         run.log.write({"step": 0, "eval_loss": run.eval_loss_start})
         logger.info(f"eval loss at step 0: {run.eval_loss_start:.4f}")
+
+
+def _sample_prompts(run: Run) -> list:
+    """The prompts to write samples for: rank 0's (under FSDP none: generating needs every process)."""
+    if not run.world.is_main or run.world.sharded:
+        if run.world.is_main and sample_prompts(run.cfg, run.data):
+            logger.info("samples are not generated under train.parallel=fsdp; generate from the adapter after")
+        return []
+    return sample_prompts(run.cfg, run.data)
 
 
 def fit(run: Run) -> TrainResult:
@@ -297,9 +351,10 @@ def fit(run: Run) -> TrainResult:
     Ctrl-C or SIGTERM saves a checkpoint at the end of the current step and returns ``interrupted``.
     """
     tc, result = run.cfg.train, TrainResult(run.out, run.step, "completed", run.eval_loss_start)
-    run.out.mkdir(parents=True, exist_ok=True)
+    if run.world.is_main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        (run.out / "config.yaml").write_text(to_yaml(run.cfg))
     run.log.start(run.step)
-    (run.out / "config.yaml").write_text(to_yaml(run.cfg))
     _start(run)
     result.eval_loss_start = run.eval_loss_start
     run.model.train()
@@ -308,17 +363,17 @@ def fit(run: Run) -> TrainResult:
     # mean; metrics.jsonl keeps every step's own loss, and the eval loss is the measure of progress.
     recent: collections.deque[float] = collections.deque(maxlen=SMOOTHING_STEPS)
     logger.info(f"progress bar: loss = mean train loss per labelled token over the last {SMOOTHING_STEPS} steps")
-    bar = tqdm(total=run.total_steps, initial=run.step, desc="train", dynamic_ncols=True)
+    bar = tqdm(total=run.total_steps, initial=run.step, desc="train", dynamic_ncols=True, disable=not run.world.is_main)
     with _StopFlag() as stop:
         while run.step < run.total_steps:
             started = time.perf_counter()
-            batches = [run.batches.next_batch() for _ in range(tc.gradient_accumulation_steps)]
+            batches = run.world.take_batches(run.batches, tc.gradient_accumulation_steps)
             stats = train_step(run, [{k: v.to(run.device) for k, v in b.items()} for b in batches])
             tokens, training_s = tokens + stats.tokens, training_s + time.perf_counter() - started
             result.train_losses.append(stats.loss)
             recent.append(stats.loss)
             _record(run, bar, stats, tokens / training_s, sum(recent) / len(recent))
-            if stop.requested:
+            if run.world.any_set(stop.requested):  # every process stops at the same step
                 bar.close()
                 path = checkpoint(run)
                 logger.info(f"stopped at step {run.step}; checkpoint {path}. Resume with: train.resume=auto")
@@ -350,20 +405,28 @@ def _record(run: Run, bar: tqdm, stats: StepStats, tokens_per_s: float, smoothed
     bar.set_postfix(**shown, mem=f"{record['mem_gb']:.2f}GB")
     bar.update(1)
     if tc.eval_steps and run.step % tc.eval_steps == 0 and run.step < run.total_steps and run.data.val:
-        run.log.write({"step": run.step, "eval_loss": evaluate(run.model, run.data, tc.micro_batch_size)})
+        run.log.write({"step": run.step, "eval_loss": evaluate(run.model, run.data, tc.micro_batch_size, run.world)})
 
 
 def finish(run: Run, result: TrainResult) -> None:
     """The end of a completed run: final eval, last checkpoint, the adapter, after-samples, summary."""
     if run.data.val:
-        result.eval_loss_end = evaluate(run.model, run.data, run.cfg.train.micro_batch_size)
+        result.eval_loss_end = evaluate(run.model, run.data, run.cfg.train.micro_batch_size, run.world)
         run.log.write({"step": run.step, "eval_loss": result.eval_loss_end})
     checkpoint(run)
     template = prompt_template(run.cfg.data.format, run.cfg.data.template)
+    adapter = dist_checkpoint.full_lora_state(run.model) if run.world.sharded else None  # a collective
+    if not run.world.is_main:
+        return  # rank 0 writes the adapter, samples and summary
     adapter_dir = save_adapter(
-        run.model, run.out / "adapter", run.cfg.model.name_or_path, {"template": template}, lora=run.cfg.lora
+        run.model,
+        run.out / "adapter",
+        run.cfg.model.name_or_path,
+        {"template": template},
+        lora=run.cfg.lora,
+        state=adapter,
     )
-    prompts = sample_prompts(run.cfg, run.data)
+    prompts = _sample_prompts(run)
     if prompts:
         write_samples(run.out / "samples_after.json", "after training", run.model, run.tokenizer, prompts, run.cfg)
     result.wall_s = time.perf_counter() - run.started
@@ -375,6 +438,8 @@ def finish(run: Run, result: TrainResult) -> None:
         "wall_s": round(result.wall_s, 1),
         "trainable_params": run.lora_report.trainable_params,
     }
+    if run.world.sharded:  # what each process holds of the base (its shards), and the whole base
+        summary["nf4_bytes"], summary["nf4_bytes_per_process"] = nf4_bytes(run.model)[1], run.nf4_held
     (run.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if result.eval_loss_start is not None and result.eval_loss_end is not None:
         drop = 100 * (1 - result.eval_loss_end / result.eval_loss_start)
@@ -401,11 +466,14 @@ def train(recipe: RunConfig | str | Path, overrides: list[str] | tuple[str, ...]
             "train.resume=none (this replaces the run) or choose another output.dir; to train on, raise train.max_steps"
         )
         return TrainResult(inputs.out, inputs.resume_from.step, "completed")
-    run = setup(inputs)
     try:
-        result = fit(run)
-        if result.status == "completed":
-            finish(run, result)
+        run = setup(inputs)
+        try:
+            result = fit(run)
+            if result.status == "completed":
+                finish(run, result)
+        finally:
+            run.log.close()
     finally:
-        run.log.close()
+        inputs.world.stop()  # a single process: nothing
     return result

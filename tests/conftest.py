@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,17 @@ def save_tiny_checkpoint(
     model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides), dtype=torch.float32)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **kwargs)
+    return path
+
+
+def save_tiny_smollm2_checkpoint(path: Path, smollm2_dir: Path) -> Path:
+    """A tiny random Llama that uses SmolLM2's real tokenizer (vocab 49152)."""
+    save_tiny_checkpoint(
+        path, vocab_size=49152, hidden_size=64, intermediate_size=128, pad_token_id=2, bos_token_id=1, eos_token_id=2
+    )
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (smollm2_dir / name).is_file():
+            shutil.copy(smollm2_dir / name, path / name)
     return path
 
 

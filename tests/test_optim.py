@@ -349,3 +349,25 @@ def test_paged_adamw_with_master_copies_on_cuda(tiny_dir, tmp_path):
     again = make_optimizer("paged_adamw_32bit", state.params, _cfg(), torch.device("cuda"))
     again.load_state_dict(torch.load(saved, weights_only=False))
     assert all(torch.equal(m, n) for (_, m), (_, n) in zip(opt.pairs(), again.pairs(), strict=True))
+
+
+def test_dcp_optimizer_state_dict_leaves_master_weights_states_alone(tiny_dir):
+    """torch.distributed.checkpoint "initializes" an optimizer whose ``state`` is empty with a zero-gradient step
+    (lr 0: Adam's moments still decay, its step count grows). MasterWeights' states are its inner optimizer's,
+    so it must not look empty once stepped or loaded: a torchrun checkpoint would change the run it saves."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    model, params = _adapted(tiny_dir, torch.bfloat16)
+    state = _state(model, params, _cfg(learning_rate=1e-3), 4, "adamw")
+    train_step(state, [_batch()])
+    inner = state.optimizer.inner
+    before = {id(p): {k: v.clone() for k, v in s.items()} for p, s in inner.state.items()}
+    get_optimizer_state_dict(model, state.optimizer)
+    after = {id(p): s for p, s in inner.state.items()}
+    assert after.keys() == before.keys()
+    for key, saved in before.items():
+        for name, value in saved.items():
+            assert torch.equal(after[key][name], value), name  # step count and moments as they were
+    fresh = make_optimizer("adamw", params, _cfg(), CPU)
+    fresh.load_state_dict(state.optimizer.state_dict())
+    assert fresh.state  # a loaded one counts as initialized too

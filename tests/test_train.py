@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from qlora_kit.checkpoint import list_checkpoints
 from qlora_kit.config import load_config
 from qlora_kit.errors import QloraKitError
 from qlora_kit.train import train
-from tests.conftest import gpu, save_tiny_checkpoint
+from tests.conftest import gpu, save_tiny_smollm2_checkpoint
 
 TOOLS = Path(__file__).parent.parent / "recipes" / "data"
 
@@ -28,19 +27,7 @@ TOOLS = Path(__file__).parent.parent / "recipes" / "data"
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory, smollm2_dir) -> Path:
     """A tiny random Llama that uses SmolLM2's real tokenizer (vocab 49152)."""
-    path = save_tiny_checkpoint(
-        tmp_path_factory.mktemp("m") / "tiny",
-        vocab_size=49152,
-        hidden_size=64,
-        intermediate_size=128,
-        pad_token_id=2,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (smollm2_dir / name).is_file():
-            shutil.copy(smollm2_dir / name, path / name)
-    return path
+    return save_tiny_smollm2_checkpoint(tmp_path_factory.mktemp("m") / "tiny", smollm2_dir)
 
 
 def _overrides(model_dir: Path, out: Path, **extra) -> list[str]:

@@ -134,6 +134,14 @@ class TrainConfig:
     updates below half the 16-bit weights' last place still count (small lrs, the end of a decaying
     schedule) instead of rounding away. Costs 4 bytes per adapter parameter (torch AdamW's states are then
     fp32 too). No effect on fp32 adapters (CPU). false = update the 16-bit weights in place (QLoRA's code)."""
+    parallel: str = "auto"
+    """auto|ddp|fsdp, for runs launched by torchrun (several processes; one process ignores it).
+    ddp: every process holds the whole 4-bit base, the adapters' gradients are all-reduced.
+    fsdp: the base, adapters, gradients and optimizer states are sharded across the processes (each
+    holds ~1/N of the base). auto = ddp. The global batch is processes x micro_batch_size x accumulation."""
+    fsdp_cpu_offload: bool = False
+    """With parallel=fsdp: keep each process's shards in host memory (FSDP2's offload policy) and copy
+    each layer to the GPU for its forward/backward; slower, for bases that do not fit even sharded."""
 
 
 @dataclass

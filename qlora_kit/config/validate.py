@@ -12,7 +12,15 @@ from collections.abc import Sequence
 
 from qlora_kit.config.schema import RunConfig
 from qlora_kit.errors import QloraKitError
-from qlora_kit.facts import DATA_FORMATS, DTYPE_CHOICES, LR_SCHEDULERS, OPTIMIZER_CHOICES, TARGET_PRESETS, TEMPLATES
+from qlora_kit.facts import (
+    DATA_FORMATS,
+    DTYPE_CHOICES,
+    LR_SCHEDULERS,
+    OPTIMIZER_CHOICES,
+    PARALLEL_CHOICES,
+    TARGET_PRESETS,
+    TEMPLATES,
+)
 
 
 class _Problems:
@@ -116,6 +124,7 @@ def _train(p: _Problems, cfg: RunConfig) -> None:
     p.check(t.save_total_limit >= 1, "train.save_total_limit", "must be >= 1")
     p.check(t.logging_steps >= 1, "train.logging_steps", "must be >= 1")
     p.check(bool(t.resume.strip()), "train.resume", "must be none, auto or a checkpoint dir")
+    p.choice("train.parallel", PARALLEL_CHOICES)
 
 
 def _output(p: _Problems, cfg: RunConfig) -> None:

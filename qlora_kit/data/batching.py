@@ -167,17 +167,26 @@ class BatchPlan:
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         """Collate the micro-batch at (epoch, position), then advance (rolling over into the next epoch)."""
+        rows = self._advance()
+        if self.packing:
+            examples = [pack([self.examples[i] for i in row]) for row in rows]
+        else:
+            examples = [self.examples[row[0]] for row in rows]
+        return collate(examples, self.pad_token_id, self.pad_to_multiple_of)
+
+    def skip(self) -> None:
+        """Advance past the micro-batch at (epoch, position) without collating it (another process takes it)."""
+        self._advance()
+
+    def _advance(self) -> list[list[int]]:
+        """The rows of the micro-batch at (epoch, position); moves to the next one."""
         if self._order is None or self._order[0] != self.epoch:
             self._order = (self.epoch, self.batches_for_epoch(self.epoch))
         rows = self._order[1][self.position]
         self.position += 1
         if self.position == len(self):
             self.epoch, self.position = self.epoch + 1, 0
-        if self.packing:
-            examples = [pack([self.examples[i] for i in row]) for row in rows]
-        else:
-            examples = [self.examples[row[0]] for row in rows]
-        return collate(examples, self.pad_token_id, self.pad_to_multiple_of)
+        return rows
 
     @property
     def epochs_done(self) -> float:

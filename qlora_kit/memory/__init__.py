@@ -25,6 +25,7 @@ from qlora_kit.memory.activations import (
 from qlora_kit.memory.advice import GPU_SIZES_GIB, limits, recipe_overrides
 from qlora_kit.memory.budget import check_budget, largest_micro_batch, plan_run
 from qlora_kit.memory.paper import paper_comparison
+from qlora_kit.memory.parallel import plan_parallel
 from qlora_kit.memory.plan import (
     VARY_KEYS,
     MemoryPlan,
@@ -82,6 +83,7 @@ __all__ = [
     "paper_comparison",
     "phase_bytes",
     "plan_memory",
+    "plan_parallel",
     "plan_run",
     "recipe_overrides",
     "shape_from_config",

@@ -55,10 +55,11 @@ def live_tensor_bytes(device: str = "cpu") -> int:
         if obj.device.type == device and obj.layout == torch.strided:
             try:
                 storage = obj.untyped_storage()
-            except (RuntimeError, NotImplementedError):  # e.g. a tensor subclass without real storage
+                pointer = storage.data_ptr()
+            except (RuntimeError, NotImplementedError):  # a tensor subclass without real storage (DTensor)
                 continue
-            if storage.data_ptr():
-                storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0), storage.nbytes())
+            if pointer:
+                storages[pointer] = max(storages.get(pointer, 0), storage.nbytes())
     return sum(storages.values())
 
 
@@ -262,6 +263,7 @@ def profile_run(cfg, steps: int = 3) -> dict:
     """Load the recipe's model, run ``steps`` real optimizer steps (one micro-batch each) through the training
     loop's own ``train_step``, and measure each phase beside the plan of the batch it ran."""
     from qlora_kit.loss import label_count
+    from qlora_kit.memory.parallel import plan_parallel
     from qlora_kit.memory.plan import plan_memory
     from qlora_kit.memory.shapes import shape_from_config
     from qlora_kit.optim import make_optimizer, make_scheduler
@@ -269,30 +271,36 @@ def profile_run(cfg, steps: int = 3) -> dict:
     from qlora_kit.train import load_lora_model, prepare, train_step
 
     inputs = prepare(cfg)
+    world = inputs.world  # under torchrun: each process measures its own peaks (memory.parallel plans them)
+    world.start(inputs.device)
     loaded: dict[str, torch.nn.Module] = {}
 
     def load() -> None:
-        loaded["model"], _ = load_lora_model(cfg, inputs.device, inputs.dtype, inputs.adapter_dtype)
+        loaded["model"], _ = load_lora_model(cfg, inputs.device, inputs.dtype, inputs.adapter_dtype, world)
 
     load_measured = measure_phases([("load", load)], inputs.device)
     model = loaded.pop("model")
     _count_unallocated(load_measured, _storage_bytes(model))
     model.train()
+    world.wrap(model, cfg.train.fsdp_cpu_offload)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(cfg.train.optimizer, params, cfg.train, inputs.device)  # "auto": the planner's rule
+    name = "adamw" if world.sharded and cfg.train.optimizer == "auto" else cfg.train.optimizer  # as train does
+    optimizer = make_optimizer(name, params, cfg.train, inputs.device)  # "auto": the planner's rule
     state = TrainState(
         model=model,
         params=params,
         optimizer=optimizer,
         scheduler=make_scheduler(optimizer, cfg.train, inputs.total_steps),
         max_grad_norm=cfg.train.max_grad_norm,
+        world=world,
     )
     shape = shape_from_config(model.config, name=Path(model.name_or_path).name)
     knobs = _plan_knobs(cfg, inputs)
 
     records = []
     for step in range(1, steps + 1):
-        batch = {k: v.to(inputs.device) for k, v in inputs.batches.next_batch().items()}
+        (batch,) = world.take_batches(inputs.batches, 1)
+        batch = {k: v.to(inputs.device) for k, v in batch.items()}
         rows, width = batch["input_ids"].shape
         labelled, padded = label_count(batch), batch_is_padded(batch)
         with PhaseRecorder(inputs.device) as recorder:
@@ -301,6 +309,7 @@ def profile_run(cfg, steps: int = 3) -> dict:
         plan = plan_memory(
             shape, seq_len=width, batch_size=rows, label_tokens=labelled, padded=padded, **knobs, suggest=False
         )
+        plan = plan_parallel(plan, world.size, world.parallel, cfg.train.fsdp_cpu_offload)
         records.append(
             {
                 "step": step,
@@ -315,7 +324,10 @@ def profile_run(cfg, steps: int = 3) -> dict:
         )
 
     peak_record = max(records, key=lambda r: r["measured"].peak)
+    world.stop()
     return {
+        "rank": world.rank,
+        "world_size": world.size,
         "recipe": cfg,
         "device": inputs.device.type,
         "phases": _phase_rows(load_measured, records),
@@ -364,8 +376,12 @@ def _count_unallocated(measured: Measurement, model_bytes: int) -> None:
 
 
 def _storage_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the distinct storages behind a model's parameters and buffers."""
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in model.state_dict().values()}
+    """Bytes of the distinct storages behind a model's parameters and buffers (this process's shards under
+    FSDP2)."""
+    from qlora_kit.distributed import local_tensor
+
+    tensors = [local_tensor(t) for t in model.state_dict().values()]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
     return sum(storages.values())
 
 

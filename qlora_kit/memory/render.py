@@ -38,8 +38,16 @@ def plan_title(plan: MemoryPlan) -> str:
     return (
         f"{plan.model.name}: seq {s['seq_len']} x batch {s['batch_size']}{padded}, LoRA r={s['rank']} on "
         f"{s['targets']}, {s['optimizer']}, checkpointing {'on' if s['checkpointing'] else 'off'}, "
-        f"{s['compute_dtype']} on {s['device']}"
+        f"{s['compute_dtype']} on {s['device']}{_per_process(s)}"
     )
+
+
+def _per_process(s: dict) -> str:
+    """A torchrun plan's (``memory.parallel``): whose memory it is."""
+    if s.get("gpus", 1) <= 1:
+        return ""
+    offload = " + cpu offload" if s.get("fsdp_cpu_offload") else ""
+    return f"; per process of {s['gpus']} ({s['parallel']}{offload})"
 
 
 def plan_assumptions(plan: MemoryPlan) -> str:
