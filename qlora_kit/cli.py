@@ -18,7 +18,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qlora_kit.errors import QloraKitError
-from qlora_kit.facts import DTYPE_CHOICES, DTYPE_NAMES, OPTIMIZER_CHOICES, PROMPT_TEMPLATES, GiB, parse_size
+from qlora_kit.facts import (
+    DTYPE_CHOICES,
+    DTYPE_NAMES,
+    OPTIMIZER_CHOICES,
+    PCIE_GBPS,
+    PROMPT_TEMPLATES,
+    TFLOPS,
+    GiB,
+    parse_size,
+)
 
 if TYPE_CHECKING:
     from qlora_kit.memory import ModelShape
@@ -94,6 +103,26 @@ def plan_main(argv: list[str] | None = None) -> int:
         help="fp32 master copies of 16-bit adapters (train.fp32_master_weights; default on): 4 B/param",
     )
     p.add_argument("--gpu", help="memory to fit in: 24GB, 48GB, 80GB (as GiB: 24GB = 24 x 2^30) or bytes")
+    p.add_argument(
+        "--offload",
+        default="",
+        help="weights,activations (or one of them): stream the 4-bit layers from host RAM (model.offload_weights), "
+        "keep the checkpointed layer inputs there (train.offload_activations)",
+    )
+    p.add_argument(
+        "--resident-layers",
+        default="auto",
+        help="with --offload weights: decoder layers kept on the GPU; auto = as many as fit in --gpu (none without)",
+    )
+    p.add_argument(
+        "--pcie-gbps", type=float, default=PCIE_GBPS, help=f"host->GPU copy rate, GB/s (default {PCIE_GBPS:g})"
+    )
+    p.add_argument(
+        "--tflops",
+        type=float,
+        default=TFLOPS,
+        help=f"achieved bf16 matmul TFLOPS for the step time (default {TFLOPS:g})",
+    )
     p.add_argument("--max", choices=("batch", "seq"), help="print the largest batch or seq that fits in --gpu")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--list-presets", action="store_true", help="list the built-in model shapes")
@@ -113,12 +142,27 @@ def plan_main(argv: list[str] | None = None) -> int:
     knobs |= dict(optimizer=args.optimizer, checkpointing=args.checkpointing == "on", device=args.device)
     knobs |= dict(compute_dtype=args.compute_dtype, adapter_dtype=args.adapter_dtype, lora_dropout=args.dropout)
     knobs |= dict(grad_accumulation=args.accum, master_weights=args.master_weights == "on")
+    knobs |= offload_knobs(p, args)
     shape = model_shape(args.model)
     if args.max:
         return _print_max(shape, gpu, args.max, args.json, knobs)
     plan = plan_memory(shape, **knobs, gpu_bytes=gpu)
     print(plan.to_json() if args.json else plan.table())
     return EXIT_DOES_NOT_FIT if plan.fits is False else 0
+
+
+def offload_knobs(p: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+    """``--offload``, ``--resident-layers``, ``--pcie-gbps``, ``--tflops`` as planner knobs."""
+    parts = {part.strip() for part in args.offload.split(",") if part.strip()}
+    if parts - {"weights", "activations"}:
+        p.error(f"--offload takes weights, activations or both (weights,activations), not {args.offload!r}")
+    resident = args.resident_layers
+    if resident != "auto" and not resident.isdigit():
+        p.error(f"--resident-layers takes auto or a number of layers >= 0, not {resident!r}")
+    knobs = dict(offload_weights="weights" in parts, offload_activations="activations" in parts)
+    return knobs | dict(
+        resident_layers=None if resident == "auto" else int(resident), pcie_gbps=args.pcie_gbps, tflops=args.tflops
+    )
 
 
 def _print_max(shape: ModelShape, gpu: int, vary: str, as_json: bool, knobs: dict) -> int:
