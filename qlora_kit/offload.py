@@ -99,6 +99,7 @@ class Offload:
         self.layers = decoder_layers(model)
         n = len(self.layers)
         self.streamed = [] if resident_layers is None else list(range(min(resident_layers, n), n))
+        self.weights = resident_layers is not None
         self.activations = activations
         self.stats = OffloadStats()
         self.in_backward = False
@@ -288,6 +289,39 @@ class Offload:
             for module, name, host in entries:
                 getattr(module, name).data = host.to(self.device, copy=self.device.type == "cpu")
         self._host.clear()
+
+
+def resident_layer_count(cfg, data, device: torch.device) -> int:
+    """``model.resident_layers`` as a number: the recipe's, or for auto as many as the planner fits in
+    ``model.max_memory_gb``, else in the GPU's free memory; on CPU without a budget, every layer."""
+    from qlora_kit.facts import GiB
+    from qlora_kit.memory import checkpoint_shape, plan_run
+
+    layers = checkpoint_shape(cfg.model.name_or_path).layers
+    if isinstance(cfg.model.resident_layers, int):
+        return min(cfg.model.resident_layers, layers)
+    if cfg.model.max_memory_gb is not None:
+        budget = int(cfg.model.max_memory_gb * GiB)
+    elif device.type == "cuda":
+        budget = torch.cuda.mem_get_info(device)[0]
+    else:
+        return layers
+    return plan_run(cfg, data, gpu_bytes=budget).settings["resident_layers"]
+
+
+def offload_description(offload: Offload) -> str:
+    """One line for the run's log: what stays, what streams, what waits on the host."""
+    n, streamed = len(offload.layers), len(offload.streamed)
+    parts = []
+    if offload.weights:
+        per_layer = max(offload.layer_bytes.values(), default=0)
+        parts.append(
+            f"{n - streamed} of {n} decoder layers resident on {offload.device}, {streamed} streamed from host "
+            f"memory ({per_layer / 1e6:,.1f} MB of NF4 each, copied one layer ahead)"
+        )
+    if offload.activations:
+        parts.append("the checkpointed layer inputs wait in host memory between forward and backward")
+    return "offload: " + "; ".join(parts)
 
 
 def enable_offload(

@@ -40,6 +40,7 @@ from qlora_kit.loading import DTYPES, dtype_name, load_model, load_tokenizer, re
 from qlora_kit.lora import LoRAReport, add_lora
 from qlora_kit.loss import causal_lm_loss, label_count
 from qlora_kit.memory import check_budget
+from qlora_kit.offload import enable_offload, host_placement, offload_description, resident_layer_count
 from qlora_kit.optim import make_optimizer, make_scheduler, repage_states, total_steps
 from qlora_kit.run import Run, RunInputs, StepStats, TrainResult, TrainState
 from qlora_kit.runlog import RunLog, memory_gb
@@ -102,14 +103,33 @@ def prepare(cfg: RunConfig) -> RunInputs:
 
 
 def load_lora_model(
-    cfg: RunConfig, device: torch.device, dtype: torch.dtype, adapter_dtype: torch.dtype
+    cfg: RunConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    adapter_dtype: torch.dtype,
+    resident_layers: int | None = None,
 ) -> tuple[nn.Module, LoRAReport]:
-    """The recipe's 4-bit model with its LoRA adapters (and gradient checkpointing if asked): what fit trains."""
-    model = load_model(cfg.model.name_or_path, device=device, dtype=dtype)
+    """The recipe's 4-bit model with its LoRA adapters (and gradient checkpointing if asked): what fit trains.
+
+    With ``model.offload_weights`` the layers from ``resident_layers`` on (default: the recipe's count, 0 for
+    auto) go to host memory as they are loaded and stream from there; with ``train.offload_activations`` the
+    checkpointed layer inputs wait in host memory (``qlora_kit.offload``; the hooks' state is ``model.qlora_offload``).
+    """
+    offload_weights = cfg.model.offload_weights
+    if offload_weights and resident_layers is None:
+        resident_layers = cfg.model.resident_layers if isinstance(cfg.model.resident_layers, int) else 0
+    place = host_placement(resident_layers, device) if offload_weights else None
+    model = load_model(cfg.model.name_or_path, device=device, dtype=dtype, place=place)
     lc = cfg.lora
     report = add_lora(model, lc.targets, lc.r, lc.alpha, lc.dropout, lc.use_rslora, adapter_dtype)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    activations = cfg.train.offload_activations
+    model.qlora_offload = enable_offload(
+        model, device, weights=offload_weights, resident_layers=resident_layers or 0, activations=activations
+    )
+    if model.qlora_offload is not None:
+        logger.info(offload_description(model.qlora_offload))
     return model, report
 
 
@@ -117,7 +137,8 @@ def setup(inputs: RunInputs) -> Run:
     """Load the model (after the memory-budget check), build optimizer and schedule, restore a checkpoint."""
     cfg = inputs.cfg
     check_budget(cfg, inputs.data)  # model.max_memory_gb: refuse a run that cannot fit before loading the model
-    model, report = load_lora_model(cfg, inputs.device, inputs.dtype, inputs.adapter_dtype)
+    resident = resident_layer_count(cfg, inputs.data, inputs.device) if cfg.model.offload_weights else None
+    model, report = load_lora_model(cfg, inputs.device, inputs.dtype, inputs.adapter_dtype, resident)
     logger.info(str(report))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer_name = auto_optimizer(inputs.device.type) if cfg.train.optimizer == "auto" else cfg.train.optimizer
