@@ -153,3 +153,17 @@ def test_offload_config_values():
     )
     assert cfg.model.offload_weights and cfg.model.resident_layers == 12 and cfg.train.offload_activations
     assert load_config(None, []).model.resident_layers == "auto"
+
+
+def test_the_24gb_recipe_fits_24_gib_as_planned():
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).parent.parent / "recipes" / "llama65b_24gb.yaml")
+    assert cfg.model.offload_weights and cfg.train.offload_activations and cfg.model.resident_layers == "auto"
+    knobs = dict(seq_len=cfg.data.cutoff_len, batch_size=cfg.train.micro_batch_size, rank=cfg.lora.r)
+    knobs |= dict(
+        grad_accumulation=cfg.train.gradient_accumulation_steps, offload_weights=True, offload_activations=True
+    )
+    plan = plan_memory(LLAMA_65B, **knobs, gpu_bytes=int(cfg.model.max_memory_gb * GiB))
+    assert plan.fits and not plan.offload["transfer_bound"]
+    assert not plan_memory(LLAMA_65B, **{**knobs, "offload_weights": False}, gpu_bytes=24 * GiB).fits
