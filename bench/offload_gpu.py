@@ -91,9 +91,9 @@ def train_steps(model, device, dtype, steps: int, seq: int, offload: dict | None
     from qlora_kit.run import TrainState
     from qlora_kit.train import train_step
 
+    handle = enable_offload(model, device, **offload) if offload else None  # first: LoRA goes where the base is
     add_lora(model, "all-linear", RANK, 16, 0.05, False, dtype)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    handle = enable_offload(model, device, **offload) if offload else None
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     state = TrainState(model=model, params=params, optimizer=make_optimizer("auto", params, TrainConfig(), device))

@@ -328,7 +328,10 @@ def enable_offload(
     model: nn.Module, device: torch.device, *, weights: bool, resident_layers: int = 0, activations: bool = False
 ) -> Offload | None:
     """Stream the decoder layers from ``resident_layers`` on from host memory (``weights``) and keep the
-    checkpointed layer inputs in host memory (``activations``); None when neither is asked for."""
+    checkpointed layer inputs in host memory (``activations``); None when neither is asked for.
+
+    Call it before ``add_lora`` when the streamed layers were loaded to host memory (``host_placement``): the
+    adapters are made on the device of their base's buffers, the device placeholders once this has run."""
     if not weights and not activations:
         return None
     return Offload(model, device, resident_layers if weights else None, activations)

@@ -120,16 +120,18 @@ def load_lora_model(
         resident_layers = cfg.model.resident_layers if isinstance(cfg.model.resident_layers, int) else 0
     place = host_placement(resident_layers, device) if offload_weights else None
     model = load_model(cfg.model.name_or_path, device=device, dtype=dtype, place=place)
-    lc = cfg.lora
-    report = add_lora(model, lc.targets, lc.r, lc.alpha, lc.dropout, lc.use_rslora, adapter_dtype)
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # Before add_lora: the adapters are made on the device of their base's buffers, which for a streamed layer
+    # are then the device placeholders, not the host copies.
     activations = cfg.train.offload_activations
     model.qlora_offload = enable_offload(
         model, device, weights=offload_weights, resident_layers=resident_layers or 0, activations=activations
     )
     if model.qlora_offload is not None:
         logger.info(offload_description(model.qlora_offload))
+    lc = cfg.lora
+    report = add_lora(model, lc.targets, lc.r, lc.alpha, lc.dropout, lc.use_rslora, adapter_dtype)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, report
 
 

@@ -17,7 +17,7 @@ from qlora_kit.lora import add_lora
 from qlora_kit.loss import causal_lm_loss
 from qlora_kit.offload import NF4_TENSORS, enable_offload
 from qlora_kit.quant import NF4Linear
-from tests.conftest import save_tiny_checkpoint
+from tests.conftest import gpu, save_tiny_checkpoint
 
 CPU = torch.device("cpu")
 
@@ -209,3 +209,48 @@ def test_streaming_on_smollm2_is_bit_for_bit(smollm2_dir):
     assert all(torch.equal(g[n], w[n]) for g, w in zip(grads, want_grads, strict=True) for n in w)
     assert offload.stats.peak_streamed == 2 and offload.resident_copies == []
     assert offload.stats.fetches.count(29) == 2  # the last layer: once per step (kept for its backward)
+
+
+def _cuda_model(model_dir: Path, resident: int | None):
+    """On the GPU in bf16 as training loads it: streamed layers to pinned host memory as they load, offload
+    enabled before the adapters are added (so they are made on the GPU)."""
+    from qlora_kit.offload import host_placement
+
+    cuda = torch.device("cuda")
+    torch.manual_seed(0)
+    place = host_placement(resident, cuda) if resident is not None else None
+    model = load_model(model_dir, device=cuda, dtype=torch.bfloat16, place=place)
+    offload = enable_offload(model, cuda, weights=True, resident_layers=resident, activations=True) if place else None
+    add_lora(model, "all-linear", 8, 16, 0.1, False, torch.bfloat16)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.train(), offload
+
+
+def _cuda_steps(model, n: int) -> tuple[list[float], list[dict[str, torch.Tensor]]]:
+    torch.manual_seed(1)
+    losses, grads = [], []
+    for step in range(n):
+        batch = {k: v.cuda() for k, v in _batch(320, step).items()}
+        loss, _ = causal_lm_loss(model, batch)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        model.zero_grad(set_to_none=True)
+    return losses, grads
+
+
+@gpu
+@pytest.mark.gpu
+def test_streaming_on_cuda_matches_the_resident_model(tiny4_dir):
+    """Side stream, events and pinned host copies: the same losses and LoRA gradients as the resident model,
+    the adapters on the GPU, the streamed layers' host copies pinned, nothing streamed left after the step."""
+    want_losses, want_grads = _cuda_steps(_cuda_model(tiny4_dir, None)[0], 3)
+    model, offload = _cuda_model(tiny4_dir, 1)
+    assert all(p.is_cuda for p in model.parameters() if p.requires_grad)
+    assert all(host.is_pinned() for entries in offload._host.values() for *_, host in entries)
+    losses, grads = _cuda_steps(model, 3)
+    torch.cuda.synchronize()
+    assert losses == want_losses
+    assert all(torch.equal(g[n], w[n]) for g, w in zip(grads, want_grads, strict=True) for n in w)
+    assert offload.stats.peak_streamed == 2 and offload.resident_copies == []
+    assert offload.stats.peak_activations_on_device <= 2 and offload.stats.activations_offloaded == 3 * 3
