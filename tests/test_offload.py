@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.utils.checkpoint
 
 from qlora_kit.architecture import decoder_layers
 from qlora_kit.loading import load_model
@@ -114,6 +115,45 @@ def test_streaming_trains_bit_for_bit_like_the_resident_model(tiny4_dir, checkpo
     per_step = streamed + streamed[-2::-1]
     assert offload.stats.fetches == per_step * 3
     assert offload.stats.bytes_moved == 3 * sum(offload.layer_bytes[i] for i in per_step)
+
+
+class _CheckpointedCall(torch.nn.Module):
+    """Checkpoints a layer's whole ``__call__`` (hooks included), as transformers before 5.x and other wrappers
+    do: the layer's hooks then run inside the checkpoint, and again for the recompute in backward."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, hidden_states, **kwargs):
+        return torch.utils.checkpoint.checkpoint(self.inner, hidden_states, use_reentrant=False, **kwargs)
+
+
+def _checkpoint_calls(model) -> None:
+    layers = decoder_layers(model)
+    for i in range(len(layers)):
+        layers[i] = _CheckpointedCall(layers[i])
+
+
+def test_streaming_with_the_hooks_inside_the_checkpoint(tiny4_dir):
+    """The recompute fires the layer's forward hooks again, from inside backward: it finds its layer ready,
+    and the residency bound and the results hold."""
+    reference = _model(tiny4_dir, False)
+    _checkpoint_calls(reference)
+    want_losses, want_grads = _steps(reference, 3, 320)
+    model = _model(tiny4_dir, False)
+    offload = enable_offload(model, CPU, weights=True, resident_layers=0)  # hooks on the layers themselves
+    calls = []
+    for layer in decoder_layers(model):
+        layer.register_forward_pre_hook(lambda *_: calls.append(offload.in_backward))
+    _checkpoint_calls(model)
+    sampler = _Sampler(model, 0, offload)
+    losses, grads = _steps(model, 3, 320)
+    assert calls.count(True) == calls.count(False) == 3 * 4  # each layer: forward, then recompute in backward
+    assert losses == want_losses
+    assert all(torch.equal(g[n], w[n]) for g, w in zip(grads, want_grads, strict=True) for n in w)
+    assert max(held for _, held in sampler.counts) == 2 and all(s <= h <= 2 for s, h in sampler.counts)
+    assert offload.stats.fetches == [0, 1, 2, 3, 2, 1, 0] * 3 and offload.resident_copies == []
 
 
 def test_the_resident_layers_never_move(tiny4_dir):
