@@ -14,7 +14,7 @@ from qlora_kit.errors import QloraKitError
 from qlora_kit.facts import GiB, nf4_bytes
 from qlora_kit.memory import PRESETS, MemoryPlan, max_fitting, plan_memory, shape_from_config
 from qlora_kit.offload import enable_offload
-from tests.conftest import tiny_config
+from tests.conftest import save_tiny_checkpoint, tiny_config
 from tests.test_offload import _model, _steps, tiny4_dir  # noqa: F401 (a fixture)
 
 LLAMA_65B = PRESETS["llama-65b"]
@@ -167,3 +167,36 @@ def test_the_24gb_recipe_fits_24_gib_as_planned():
     plan = plan_memory(LLAMA_65B, **knobs, gpu_bytes=int(cfg.model.max_memory_gb * GiB))
     assert plan.fits and not plan.offload["transfer_bound"]
     assert not plan_memory(LLAMA_65B, **{**knobs, "offload_weights": False}, gpu_bytes=24 * GiB).fits
+
+
+def test_resident_layers_auto_fills_the_budget(smollm2_dir, tmp_path):
+    import shutil
+
+    from qlora_kit.data import prepare_data
+    from qlora_kit.loading import load_tokenizer
+    from qlora_kit.memory import plan_run
+    from qlora_kit.offload import resident_layer_count
+    from tests.test_train import _overrides
+
+    model_dir = save_tiny_checkpoint(tmp_path / "tiny4", num_hidden_layers=4, vocab_size=49152, hidden_size=64)
+    shutil.copy(smollm2_dir / "tokenizer.json", model_dir)
+    shutil.copy(smollm2_dir / "tokenizer_config.json", model_dir)
+    offload = {"model.offload_weights": True, "model.resident_layers": 1}
+    cfg = load_config(None, _overrides(model_dir, tmp_path / "run", **offload))
+    data = prepare_data(cfg.data, load_tokenizer(cfg.model.name_or_path), verbose=False)
+    cpu = torch.device("cpu")
+    assert resident_layer_count(cfg, data, cpu) == 1  # as the recipe says
+    one = plan_run(cfg, data)
+    assert one.offload["resident_layers"] == 1 and one.offload["streamed_layers"] == 3
+    cfg.model.resident_layers = "auto"
+    assert resident_layer_count(cfg, data, cpu) == 4  # on CPU without a budget: all of them
+    # exactly the plan with one resident layer (+ 2 streaming buffers): two resident (+ 2) do not fit
+    cfg.model.max_memory_gb = (one.total + 8) / GiB
+    assert resident_layer_count(cfg, data, cpu) == 1
+    cfg.model.resident_layers = 7
+    assert resident_layer_count(cfg, data, cpu) == 4  # no more than the model has
+
+
+def test_offload_suggestion_as_recipe_overrides():
+    plan = plan_memory(LLAMA_65B, **PAPER_65B, gpu_bytes=24 * GiB)
+    assert "[model.offload_weights=true train.offload_activations=true]" in plan.table(recipe=True)
