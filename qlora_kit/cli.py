@@ -18,7 +18,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qlora_kit.errors import QloraKitError
-from qlora_kit.facts import DTYPE_CHOICES, DTYPE_NAMES, OPTIMIZER_CHOICES, PROMPT_TEMPLATES, GiB, parse_size
+from qlora_kit.facts import (
+    DTYPE_CHOICES,
+    DTYPE_NAMES,
+    OPTIMIZER_CHOICES,
+    PCIE_GBPS,
+    PROMPT_TEMPLATES,
+    TFLOPS,
+    GiB,
+    parse_size,
+)
 
 if TYPE_CHECKING:
     from qlora_kit.memory import ModelShape
@@ -99,6 +108,26 @@ def plan_main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpus", type=int, default=1, help="processes (GPUs) under torchrun: the plan is per process")
     p.add_argument("--parallel", default="ddp", choices=("ddp", "fsdp"), help="with --gpus > 1 (train.parallel)")
     p.add_argument("--fsdp-cpu-offload", action="store_true", help="fsdp shards in host RAM (train.fsdp_cpu_offload)")
+    p.add_argument(
+        "--offload",
+        default="",
+        help="weights,activations (or one of them): stream the 4-bit layers from host RAM (model.offload_weights), "
+        "keep the checkpointed layer inputs there (train.offload_activations)",
+    )
+    p.add_argument(
+        "--resident-layers",
+        default="auto",
+        help="with --offload weights: decoder layers kept on the GPU; auto = as many as fit in --gpu (none without)",
+    )
+    p.add_argument(
+        "--pcie-gbps", type=float, default=PCIE_GBPS, help=f"host->GPU copy rate, GB/s (default {PCIE_GBPS:g})"
+    )
+    p.add_argument(
+        "--tflops",
+        type=float,
+        default=TFLOPS,
+        help=f"achieved bf16 matmul TFLOPS for the step time (default {TFLOPS:g})",
+    )
     p.add_argument("--max", choices=("batch", "seq"), help="print the largest batch or seq that fits in --gpu")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--list-presets", action="store_true", help="list the built-in model shapes")
@@ -117,12 +146,15 @@ def plan_main(argv: list[str] | None = None) -> int:
         p.error("--gpus must be >= 1, and --max plans one process (leave --gpus out)")
     if args.fsdp_cpu_offload and (args.parallel != "fsdp" or args.gpus < 2):
         p.error("--fsdp-cpu-offload needs --parallel fsdp and --gpus 2 or more")
+    if args.offload and args.gpus > 1:
+        p.error("--offload plans one process; past one GPU use --parallel fsdp (with --fsdp-cpu-offload)")
     gpu = parse_size(args.gpu, "--gpu") if args.gpu is not None else None
     knobs = dict(seq_len=args.seq, batch_size=args.batch, rank=args.rank, targets=args.targets)
     optimizer = "adamw" if args.optimizer == "auto" and args.gpus > 1 and args.parallel == "fsdp" else args.optimizer
     knobs |= dict(optimizer=optimizer, checkpointing=args.checkpointing == "on", device=args.device)
     knobs |= dict(compute_dtype=args.compute_dtype, adapter_dtype=args.adapter_dtype, lora_dropout=args.dropout)
     knobs |= dict(grad_accumulation=args.accum, master_weights=args.master_weights == "on")
+    knobs |= offload_knobs(p, args)
     shape = model_shape(args.model)
     if args.max:
         return _print_max(shape, gpu, args.max, args.json, knobs)
@@ -130,6 +162,20 @@ def plan_main(argv: list[str] | None = None) -> int:
     plan = plan_parallel(plan, args.gpus, args.parallel, args.fsdp_cpu_offload)  # one process: as it is
     print(plan.to_json() if args.json else plan.table())
     return EXIT_DOES_NOT_FIT if plan.fits is False else 0
+
+
+def offload_knobs(p: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+    """``--offload``, ``--resident-layers``, ``--pcie-gbps``, ``--tflops`` as planner knobs."""
+    parts = {part.strip() for part in args.offload.split(",") if part.strip()}
+    if parts - {"weights", "activations"}:
+        p.error(f"--offload takes weights, activations or both (weights,activations), not {args.offload!r}")
+    resident = args.resident_layers
+    if resident != "auto" and not resident.isdigit():
+        p.error(f"--resident-layers takes auto or a number of layers >= 0, not {resident!r}")
+    knobs = dict(offload_weights="weights" in parts, offload_activations="activations" in parts)
+    return knobs | dict(
+        resident_layers=None if resident == "auto" else int(resident), pcie_gbps=args.pcie_gbps, tflops=args.tflops
+    )
 
 
 def _print_max(shape: ModelShape, gpu: int, vary: str, as_json: bool, knobs: dict) -> int:

@@ -138,6 +138,11 @@ def nf4_bytes(out_features: int, in_features: int, *, serialized: bool = False) 
     return NF4Bytes(codes=math.ceil(n / 2), absmax=blocks, nested=nested)
 
 
+# --- offload (qlora_kit.offload; the planner's step-time estimate, memory.offload) ------------------------------
+
+PCIE_GBPS = 12.0  # host -> device copy rate (GB/s): PCIe 4.0 x16 sustains ~12-25 with pinned memory
+TFLOPS = 60.0  # achieved bf16 matmul rate (TFLOPS) of the estimate: about an RTX 4090's; an H100 sustains ~600
+
 # --- sizes the user types ----------------------------------------------------------------------------------
 
 MB = 10**6  # printed figures are decimal megabytes (MB) unless they say MiB/GiB

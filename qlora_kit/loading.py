@@ -139,10 +139,13 @@ def load_model(
     dtype: str | torch.dtype = "auto",
     quantize: bool = True,
     on_layer: LayerLoaded | None = None,
+    place: Callable[[str, nn.Module], None] | None = None,
 ) -> nn.Module:
     """A causal LM with NF4 decoder linears (or dense ones with ``quantize=False``), ready for ``add_lora``.
 
     ``name_or_path``: a checkpoint dir, a hub id, or a short id (see ``qlora_kit.models``).
+    ``place``: called with each decoder linear's name and module once it is quantized (weight streaming
+    moves the streamed layers' codes to host memory there: ``offload.host_placement``).
     The returned model has ``model.name_or_path`` set to the resolved directory and is in eval mode.
     ``on_layer(model, name, layer)``: called as soon as each decoder layer is read whole, layers in order
     (the tensors are then read layer by layer, the others first); FSDP shards each layer there, so a process
@@ -165,12 +168,15 @@ def load_model(
         entry = entries[name]
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
+        quantized = name in packed or (isinstance(module, NF4Linear) and attr == "weight")
         if name in packed:
             load_packed_weight(module, name, entries, device)
-        elif isinstance(module, NF4Linear) and attr == "weight":
+        elif quantized:
             module.load_weight(read_tensor(entry).to(device))  # the dense source goes at once: only codes stay
         else:
             setattr(module, attr, nn.Parameter(read_tensor(entry).to(device).to(dtype), requires_grad=False))
+        if place is not None and quantized:
+            place(module_name, module)
         if layers is not None:
             layers.loaded(name)
         release_freed_memory()

@@ -42,6 +42,7 @@ from qlora_kit.loading import DTYPES, dtype_name, load_model, load_tokenizer, re
 from qlora_kit.lora import LoRAReport, add_lora
 from qlora_kit.loss import label_count
 from qlora_kit.memory import check_budget
+from qlora_kit.offload import enable_offload, host_placement, offload_description, resident_layer_count
 from qlora_kit.optim import make_optimizer, make_scheduler, repage_states, total_steps
 from qlora_kit.run import Run, RunInputs, StepStats, TrainResult, TrainState
 from qlora_kit.runlog import QuietLog, RunLog, memory_gb
@@ -80,6 +81,12 @@ def prepare(cfg: RunConfig) -> RunInputs:
     """Everything up to the weights; seeds the RNGs, so the adapter init and dropout follow ``train.seed``."""
     started = time.perf_counter()
     world = World.from_env(cfg.train.parallel)  # torchrun's processes; every one reads and checks all below
+    if world.distributed and (cfg.model.offload_weights or cfg.train.offload_activations):
+        raise QloraKitError(
+            f"model.offload_weights / train.offload_activations are for one process, and this run has {world.size} "
+            "(torchrun): past one GPU use train.parallel=fsdp (add train.fsdp_cpu_offload=true when the shards "
+            "do not fit), or run one process"
+        )
     device, dtype, adapter_dtype = resolve_run_dtypes(cfg)
     device = world.device(device)
     random.seed(cfg.train.seed)
@@ -107,15 +114,35 @@ def prepare(cfg: RunConfig) -> RunInputs:
 
 
 def load_lora_model(
-    cfg: RunConfig, device: torch.device, dtype: torch.dtype, adapter_dtype: torch.dtype, world: World | None = None
+    cfg: RunConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    adapter_dtype: torch.dtype,
+    world: World | None = None,
+    resident_layers: int | None = None,
 ) -> tuple[nn.Module, LoRAReport]:
     """The recipe's 4-bit model with its LoRA adapters (and gradient checkpointing if asked): what fit trains.
 
     Under FSDP each decoder layer gets its adapters and is sharded as it is loaded (``distributed.ShardOnLoad``).
+    With ``model.offload_weights`` the layers from ``resident_layers`` on (default: the recipe's count, 0 for
+    auto) go to host memory as they are loaded and stream from there; with ``train.offload_activations`` the
+    checkpointed layer inputs wait in host memory (``qlora_kit.offload``; the hooks' state is ``model.qlora_offload``).
     """
     lc = cfg.lora
+    offload_weights = cfg.model.offload_weights
+    if offload_weights and resident_layers is None:
+        resident_layers = cfg.model.resident_layers if isinstance(cfg.model.resident_layers, int) else 0
+    place = host_placement(resident_layers, device) if offload_weights else None
     shard = (world or World()).layer_loader(lc, adapter_dtype, cfg.train.fsdp_cpu_offload)
-    model = load_model(cfg.model.name_or_path, device=device, dtype=dtype, on_layer=shard)
+    model = load_model(cfg.model.name_or_path, device=device, dtype=dtype, on_layer=shard, place=place)
+    # Before add_lora: the adapters are made on the device of their base's buffers, which for a streamed layer
+    # are then the device placeholders, not the host copies.
+    activations = cfg.train.offload_activations
+    model.qlora_offload = enable_offload(
+        model, device, weights=offload_weights, resident_layers=resident_layers or 0, activations=activations
+    )
+    if model.qlora_offload is not None:
+        logger.info(offload_description(model.qlora_offload))
     if shard is None:
         report = add_lora(model, lc.targets, lc.r, lc.alpha, lc.dropout, lc.use_rslora, adapter_dtype)
     else:
@@ -133,7 +160,9 @@ def setup(inputs: RunInputs) -> Run:
         dist_checkpoint.check_compatible(inputs.resume_from, world.size, world.parallel)
     check_budget(cfg, inputs.data)  # model.max_memory_gb: refuse a run that cannot fit before loading the model
     world.start(inputs.device)  # the first collective: every process has read the recipe, tokenizer and data
-    model, report = load_lora_model(cfg, inputs.device, inputs.dtype, inputs.adapter_dtype, world)
+    streamed = cfg.model.offload_weights
+    resident_layers = resident_layer_count(cfg, inputs.data, inputs.device) if streamed else None
+    model, report = load_lora_model(cfg, inputs.device, inputs.dtype, inputs.adapter_dtype, world, resident_layers)
     logger.info(str(report))
     world.wrap(model, cfg.train.fsdp_cpu_offload)  # DDP / FSDP2 (shards the parameters): before the optimizer
     if world.sharded:

@@ -77,7 +77,13 @@ def test_plan_cli_per_process_verdicts(capsys):
 
 @pytest.mark.parametrize(
     "extra",
-    [["--fsdp-cpu-offload"], ["--gpus", "2", "--fsdp-cpu-offload"], ["--gpus", "0"], ["--gpus", "2", "--max", "batch"]],
+    [
+        ["--fsdp-cpu-offload"],
+        ["--gpus", "2", "--fsdp-cpu-offload"],
+        ["--gpus", "0"],
+        ["--gpus", "2", "--max", "batch"],
+        ["--gpus", "2", "--offload", "weights"],
+    ],
 )
 def test_plan_cli_refuses_parallel_options_that_do_not_go_together(capsys, extra):
     with pytest.raises(SystemExit) as exit_info:

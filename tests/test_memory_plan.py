@@ -214,8 +214,10 @@ def test_65b_verdicts_at_24_and_48_gib():
     assert small.fits is False and large.fits is True
     assert _nf4_total(large) / MB == pytest.approx(LLAMA_65B.quantized_params * 4.127 / 8 / MB, rel=1e-3)
     assert "does NOT fit in 24 GiB" in small.verdict() and "fits in 48 GiB" in large.verdict()
-    # nothing but a bigger GPU makes 65B fit in 24 GiB: the 4-bit weights alone are ~33 GB
-    assert [s.change for s in small.suggestions if s.fits] == ["a 48 GiB GPU"]
+    # nothing but streaming the layers from host RAM or a bigger GPU makes 65B fit in 24 GiB: the 4-bit weights
+    # alone are ~33 GB
+    offload = "stream the 4-bit layers from host RAM and offload the layer inputs"
+    assert [s.change for s in small.suggestions if s.fits] == [offload, "a 48 GiB GPU"]
     assert large.suggestions == []
 
 
@@ -341,11 +343,17 @@ def test_65b_at_24_gib_says_the_weights_alone_are_over_and_suggests_nothing_that
     assert plan.weight_bytes / 1e9 == pytest.approx(34.46, abs=0.01)
     assert (
         "the 4-bit weights and embeddings alone are 34.5 GB (32.09 GiB), more than the 24 GiB budget: no batch, "
-        "sequence, checkpointing, rank, target or optimizer setting can fit; this run as planned needs 45.28 GiB"
+        "sequence, checkpointing, rank, target or optimizer setting can fit; streaming the layers from host RAM "
+        "can (below); this run as planned needs 45.28 GiB"
     ) in out
     advice = out[out.index("what fits") :].splitlines()[1:]
-    assert advice == ["  - a 48 GiB GPU"]  # rank / 4, seq / 2 ... saved some MB but never reached 24 GiB
-    assert [s.change for s in plan.suggestions] == ["a 48 GiB GPU"]
+    # rank / 4, seq / 2 ... saved some MB but never reached 24 GiB
+    assert advice[1:] == ["  - a 48 GiB GPU"]
+    assert advice[0].startswith("  - stream the 4-bit layers from host RAM and offload the layer inputs: saves ")
+    assert [s.change for s in plan.suggestions][1:] == ["a 48 GiB GPU"]
+
+
+STREAM = "stream the 4-bit layers from host RAM and offload the layer inputs"
 
 
 def test_fixed_part_over_budget_drops_activation_knobs_and_combines_the_others():
@@ -356,13 +364,14 @@ def test_fixed_part_over_budget_drops_activation_knobs_and_combines_the_others()
     changes = [s.change for s in plan.suggestions]
     assert changes == [
         "paged_adamw_8bit optimizer, rank 64 -> 16, seq 2048 -> 245",  # the fewest knobs, least invasive first
+        STREAM,
         "a 24 GiB GPU",
     ]
     for s in plan.suggestions:  # every one listed fits when replanned
         assert s.fits and plan_memory(LLAMA_7B, **{**plan.settings, "gpu_bytes": 5 * GiB, **s.knob}).fits
     # with the whole budget spent on fixed bytes, even the fewest changes cannot help: said so, nothing listed
     plan = plan_memory(LLAMA_7B, gpu_bytes=4 * GiB)
-    assert [s.change for s in plan.suggestions] == ["a 24 GiB GPU"]
+    assert [s.change for s in plan.suggestions] == [STREAM, "a 24 GiB GPU"]
     huge = plan_memory(PRESETS["qwen2.5-72b"], seq_len=4096, batch_size=64, gpu_bytes=24 * GiB)
     assert huge.suggestions == [] and "nothing tried fits" in huge.table()
 

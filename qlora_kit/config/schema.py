@@ -28,6 +28,14 @@ class ModelConfig:
     """Optional memory budget in GiB (2^30 bytes, as `qlora-kit plan --gpu`: a "24 GB" card has 24 GiB).
     Before loading the model, train plans its largest micro-batch and refuses to start, with the plan and
     what to change, when it does not fit; on CPU the plan's device is cpu. null = no check."""
+    offload_weights: bool = False
+    """Stream the 4-bit decoder layers from pinned host memory, each copied to the device one layer ahead of
+    its compute (forward, and again for backward) instead of all staying there: a model larger than the GPU
+    trains, slower when the copies do not hide behind the compute (`qlora-kit plan --offload weights`)."""
+    resident_layers: int | str = "auto"
+    """With offload_weights: the first N decoder layers stay on the device, only the others stream.
+    auto = as many as the planner fits in model.max_memory_gb, else in the GPU's free memory; on CPU
+    without a budget, all of them."""
 
 
 @dataclass
@@ -142,6 +150,9 @@ class TrainConfig:
     fsdp_cpu_offload: bool = False
     """With parallel=fsdp: keep each process's shards in host memory (FSDP2's offload policy) and copy
     each layer to the GPU for its forward/backward; slower, for bases that do not fit even sharded."""
+    offload_activations: bool = False
+    """Keep each decoder layer's checkpointed input in pinned host memory from forward until backward, which
+    brings it back one layer ahead (needs model.gradient_checkpointing)."""
 
 
 @dataclass

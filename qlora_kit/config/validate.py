@@ -63,6 +63,12 @@ def _model(p: _Problems, cfg: RunConfig) -> None:
     )
     budget = m.max_memory_gb
     p.check(budget is None or 0 < budget < math.inf, "model.max_memory_gb", "must be a number of GiB > 0, or null")
+    resident = m.resident_layers
+    p.check(
+        resident == "auto" or (isinstance(resident, int) and resident >= 0),
+        "model.resident_layers",
+        "must be auto or a number of decoder layers >= 0",
+    )
 
 
 def _lora(p: _Problems, cfg: RunConfig) -> None:
@@ -125,6 +131,11 @@ def _train(p: _Problems, cfg: RunConfig) -> None:
     p.check(t.logging_steps >= 1, "train.logging_steps", "must be >= 1")
     p.check(bool(t.resume.strip()), "train.resume", "must be none, auto or a checkpoint dir")
     p.choice("train.parallel", PARALLEL_CHOICES)
+    p.check(
+        not t.offload_activations or cfg.model.gradient_checkpointing,
+        "train.offload_activations",
+        "needs model.gradient_checkpointing=true (the offloaded tensors are the checkpointed layer inputs)",
+    )
 
 
 def _output(p: _Problems, cfg: RunConfig) -> None:

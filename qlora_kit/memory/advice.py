@@ -24,6 +24,8 @@ RECIPE_KEYS = {
     "targets": "lora.targets",
     "optimizer": "train.optimizer",
     "master_weights": "train.fp32_master_weights",
+    "offload_weights": "model.offload_weights",
+    "offload_activations": "train.offload_activations",
 }
 # Dropping the fp32 master copies trades update precision for memory: offered on its own, never in combinations.
 NO_MASTER_COPIES = "no fp32 master copies of the adapters (updates below half a bf16 step then round away)"
@@ -51,8 +53,9 @@ def limits(plan: MemoryPlan) -> str:
     if plan.weight_bytes > plan.gpu_bytes:
         return (
             f"the 4-bit weights and embeddings alone are {gb_text(plan.weight_bytes)}, {budget}: no batch, "
-            f"sequence, checkpointing, rank, target or optimizer setting can fit; this run as planned needs "
-            f"{plan.total / GiB:.2f} GiB"
+            f"sequence, checkpointing, rank, target or optimizer setting can fit"
+            + ("; streaming the layers from host RAM can (below)" if _can_offload(plan) else "")
+            + f"; this run as planned needs {plan.total / GiB:.2f} GiB"
         )
     return (
         f"the weights, LoRA parameters, optimizer states and runtime alone are {gb_text(plan.fixed_bytes)}, "
@@ -88,8 +91,27 @@ def suggestions(plan: MemoryPlan) -> list[Suggestion]:
     together = _fewest_together(plan, combinable)
     if together is not None and len(together.knob) > 1:
         out.append(together)
+    offload = _offload(plan)
+    out += [offload] if offload is not None and offload.fits else []
     bigger = _bigger_memory(plan)
     return [*out, bigger] if bigger is not None else out
+
+
+def _can_offload(plan: MemoryPlan) -> bool:
+    return plan.settings["device"] == "cuda" and not plan.settings.get("offload_weights")
+
+
+def _offload(plan: MemoryPlan) -> Suggestion | None:
+    """Weight streaming (and, under checkpointing, activation offload), with as many layers resident as fit."""
+    if not _can_offload(plan):
+        return None
+    knob = {"offload_weights": True, "offload_activations": bool(plan.settings["checkpointing"])}
+    text = "stream the 4-bit layers from host RAM" + (
+        " and offload the layer inputs" if knob["offload_activations"] else ""
+    )
+    sugg = _replanned(plan, text, {**knob, "resident_layers": None})
+    sugg.knob = knob
+    return sugg
 
 
 def _bigger_memory(plan: MemoryPlan) -> Suggestion | None:

@@ -22,11 +22,14 @@ from qlora_kit.facts import (
     MASTER_STEP_NUMEL,
     MB,
     OPTIMIZERS,
+    PCIE_GBPS,
+    TFLOPS,
     auto_compute_dtype,
     auto_optimizer,
     nf4_bytes,
     resolve_adapter_dtype,
 )
+from qlora_kit.memory import offload as offloading
 from qlora_kit.memory.activations import (
     ACTIVATION_COEFFS,
     Moment,
@@ -75,6 +78,7 @@ class MemoryPlan:
     suggestions: list[Suggestion] = field(default_factory=list)
     phases: dict[str, int] = field(default_factory=dict)  # planned peak tensor bytes by phase (see phase_bytes)
     peak_moment: str = ""
+    offload: dict = field(default_factory=dict)  # host RAM, bytes moved, step time (memory.offload.offload_summary)
 
     @property
     def total(self) -> int:
@@ -196,6 +200,7 @@ def _resolved(settings: dict) -> dict:
         settings["targets"] = list(settings["targets"])
     if settings["padded"] not in (None, True, False):
         raise QloraKitError(f"padded must be true, false or null (by batch size), not {settings['padded']!r}")
+    _check_offload(settings)
     workspace = settings["cublas_workspace_bytes"]
     if device == "cuda" and workspace is None:  # torch reads the same variable when it makes a workspace
         settings["cublas_workspace_bytes"] = cublas_workspace_size(os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
@@ -204,10 +209,26 @@ def _resolved(settings: dict) -> dict:
     return settings
 
 
-def _weight_rows(shape: ModelShape, compute_dtype: str) -> list[Row]:
-    """Every decoder linear in NF4 (the tensors NF4Linear stores), the rest in the compute dtype."""
+def _check_offload(settings: dict) -> None:
+    """The offload knobs: a resident layer count >= 0 (None: auto), a copy rate and a compute rate > 0."""
+    resident = settings["resident_layers"]
+    if resident is not None and (not isinstance(resident, int) or isinstance(resident, bool) or resident < 0):
+        raise QloraKitError(f"resident_layers must be a number of layers >= 0 or auto, not {resident!r}")
+    for key in ("pcie_gbps", "tflops"):
+        if not (isinstance(settings[key], int | float) and 0 < settings[key] < math.inf):
+            raise QloraKitError(f"{key} must be a number > 0, not {settings[key]!r}")
+    if settings["offload_activations"] and not settings["checkpointing"]:
+        raise QloraKitError("activation offload moves the checkpointed layer inputs: it needs checkpointing on")
+
+
+def _weight_rows(shape: ModelShape, compute_dtype: str, layers_on_device: int | None = None) -> list[Row]:
+    """Every decoder linear in NF4 (the tensors NF4Linear stores), the rest in the compute dtype; with weight
+    streaming, only ``layers_on_device`` layers' NF4 tensors are on the device."""
     L, nf4 = shape.layers, [nf4_bytes(o, i) for o, i in shape.linears().values()]
     note = f"{shape.quantized_params / 1e9:.2f}B params in {7 * L} decoder linears, 4 bits each"
+    if layers_on_device is not None:
+        note += f"; streamed: {layers_on_device} of {L} layers on the device (resident + 2 streaming buffers)"
+        L = layers_on_device
     embeddings = "embeddings (tied: lm_head is the same tensor)" if shape.tied else "embeddings, lm_head"
     other = f"{embeddings}, norms{', q/k/v biases' if shape.qkv_bias else ''} in {compute_dtype}"
     # + the rotary inv_freq and original_inv_freq buffers: head_dim/2 fp32 values each
@@ -255,6 +276,8 @@ def _has_master_copy(s: dict) -> bool:
 def plan_moments(shape: ModelShape, s: dict, n_lora: int) -> dict[str, Moment]:
     """``activations.step_moments``, with the optimizer step of fp32 master copies where the plan has them."""
     moments = step_moments(shape, s, n_lora=n_lora)
+    for name, at in moments.items():  # activation offload: the checkpointed inputs wait in host RAM
+        moments[name] = dataclasses.replace(at, activations=offloading.activations_on_device(shape, s, at.activations))
     if _has_master_copy(s):
         moments["optimizer step"] = _master_step(shape, s, n_lora, moments["optimizer step"])
     return moments
@@ -304,6 +327,20 @@ def _activation_rows(shape: ModelShape, s: dict, moments: dict[str, Moment], pea
     note = f"peak in {peak}: {at.transient_what}; beyond weights, adapters and optimizer states it holds "
     note += f"{at.total / MB:,.1f} MB, the other moments less ({others} MB)"
     return [*rows, Row("transient", "largest transient", int(at.transient), note)]
+
+
+def _offloaded_states(rows: list[Row], paged: int) -> int:
+    """With weight streaming the device is full of layers: the paged optimizer states live in host RAM (CUDA
+    managed memory that bitsandbytes pages in for the optimizer step). Their bytes leave the states row."""
+    if not paged:
+        return 0
+    row = next(row for row in rows if row.category == "optimizer")
+    row.bytes -= paged
+    row.note += (
+        f"; with weight offload: {paged / MB:,.1f} MB of paged states live in host RAM (managed memory paged in "
+        "for the optimizer step), not counted here"
+    )
+    return paged
 
 
 def _runtime_rows(rows: list[Row], device: str) -> list[Row]:
@@ -357,6 +394,11 @@ def plan_memory(
     cublas_workspace_bytes: int | None = None,
     gpu_bytes: int | None = None,
     suggest: bool = True,
+    offload_weights: bool = False,
+    offload_activations: bool = False,
+    resident_layers: int | None = None,
+    pcie_gbps: float = PCIE_GBPS,
+    tflops: float = TFLOPS,
 ) -> MemoryPlan:
     """Peak memory of one training step of our stack, by category (formulas: docs/memory.md).
 
@@ -367,24 +409,38 @@ def plan_memory(
     default) means padded when ``batch_size`` > 1. ``cublas_workspace_bytes``: one cuBLAS workspace (CUDA);
     None means torch's rule for a Hopper GPU (``cublas_workspace_size``); ``profile`` passes the real one.
     ``master_weights``: ``train.fp32_master_weights`` (an fp32 copy of 16-bit adapters in the optimizer).
+    ``offload_weights``: stream the decoder layers from host RAM, keeping ``resident_layers`` on the device
+    (None: as many as fit in ``gpu_bytes``; all stream without it); ``offload_activations``: the checkpointed
+    layer inputs in host RAM; ``pcie_gbps`` and ``tflops``: the rates of the step-time estimate (memory.offload).
     """
     s = dict(seq_len=seq_len, batch_size=batch_size, rank=rank, targets=targets, optimizer=optimizer)
     s |= dict(checkpointing=checkpointing, compute_dtype=compute_dtype, adapter_dtype=adapter_dtype)
     s |= dict(master_weights=master_weights)
     s |= dict(lora_dropout=lora_dropout, device=device, grad_accumulation=grad_accumulation)
     s |= dict(padded=padded, cublas_workspace_bytes=cublas_workspace_bytes)
+    s |= dict(offload_weights=offload_weights, offload_activations=offload_activations, resident_layers=resident_layers)
+    s |= dict(pcie_gbps=pcie_gbps, tflops=tflops)
     s = _resolved(s | dict(label_tokens=label_tokens))
+    if s["resident_layers"] is not None:
+        s["resident_layers"] = min(s["resident_layers"], shape.layers)
+    elif offload_weights:  # auto: as many as fit
+        s["resident_layers"] = offloading.fitting_resident_layers(
+            lambda n: plan_memory(shape, **{**s, "resident_layers": n}, suggest=False).total, shape.layers, gpu_bytes
+        )
     names, a = target_linears(s["targets"]), DTYPE_BYTES[s["adapter_dtype"]]
     n_lora = lora_param_count(shape, rank, names)
     opt = _optimizer_bytes(shape, rank, names, s["optimizer"], 4 if _has_master_copy(s) else a)
     moments = plan_moments(shape, s, n_lora)
     peak = max(moments, key=lambda m: moments[m].total)
-    rows = _weight_rows(shape, s["compute_dtype"]) + _adapter_rows(shape, s, n_lora, opt, moments[peak])
+    on_device = offloading.weight_layers_on_device(shape, s) if offload_weights else None
+    rows = _weight_rows(shape, s["compute_dtype"], on_device) + _adapter_rows(shape, s, n_lora, opt, moments[peak])
     rows += _activation_rows(shape, s, moments, peak)
+    paged = paged_bytes(shape, rank, names, s["optimizer"]) if s["device"] == "cuda" else 0
+    paged_host = _offloaded_states(rows, paged) if offload_weights else 0
     rows += _workspace_rows(s) + _runtime_rows(rows, s["device"])
 
-    paged = paged_bytes(shape, rank, names, s["optimizer"]) if s["device"] == "cuda" else 0
-    plan = MemoryPlan(shape, s, rows, gpu_bytes, paged)
+    plan = MemoryPlan(shape, s, rows, gpu_bytes, paged - paged_host)
+    plan.offload = offloading.offload_summary(shape, s, paged_host)
     plan.peak_moment = peak
     plan.phases = phase_bytes(plan, moments)
     if suggest and plan.fits is False:
@@ -422,8 +478,8 @@ def max_fitting(shape: ModelShape, gpu_bytes: int, vary: str = "batch", **knobs)
     key = VARY_KEYS[vary]
     knobs = {name: value for name, value in knobs.items() if name not in (key, "gpu_bytes", "suggest")}
 
-    def fits(n: int) -> bool:
-        return plan_memory(shape, **knobs, **{key: n}, suggest=False).total <= gpu_bytes
+    def fits(n: int) -> bool:  # gpu_bytes: an offload plan's resident layers "auto" fill it
+        return plan_memory(shape, **knobs, **{key: n}, gpu_bytes=gpu_bytes, suggest=False).total <= gpu_bytes
 
     if not fits(1):
         return 0

@@ -38,7 +38,7 @@ def plan_title(plan: MemoryPlan) -> str:
     return (
         f"{plan.model.name}: seq {s['seq_len']} x batch {s['batch_size']}{padded}, LoRA r={s['rank']} on "
         f"{s['targets']}, {s['optimizer']}, checkpointing {'on' if s['checkpointing'] else 'off'}, "
-        f"{s['compute_dtype']} on {s['device']}{_per_process(s)}"
+        f"{s['compute_dtype']} on {s['device']}{offload_title(s)}{_per_process(s)}"
     )
 
 
@@ -48,6 +48,56 @@ def _per_process(s: dict) -> str:
         return ""
     offload = " + cpu offload" if s.get("fsdp_cpu_offload") else ""
     return f"; per process of {s['gpus']} ({s['parallel']}{offload})"
+
+
+def offload_title(settings: dict) -> str:
+    """The title's offload part: "" without offload."""
+    parts = [name for name in ("weights", "activations") if settings.get(f"offload_{name}")]
+    return f", offload {'+'.join(parts)}" if parts else ""
+
+
+def offload_lines(plan: MemoryPlan) -> list[str]:
+    """Where an offload plan keeps what, what it copies per step and what that costs in time ([] without)."""
+    o = plan.offload
+    if not o:
+        return []
+    lines = []
+    if o["streamed_layers"]:
+        lines.append(
+            f"weight streaming: {o['resident_layers']} of {o['layers']} decoder layers stay on the GPU, "
+            f"{o['streamed_layers']} stream from pinned host RAM ({o['layer_nf4_bytes'] / MB:,.1f} MB of NF4 each)"
+        )
+    parts = [("streamed layers", o["pinned_weight_bytes"]), ("offloaded layer inputs", o["pinned_activation_bytes"])]
+    parts_text = ", ".join(f"{what} {gb_text(n)}" for what, n in parts if n)
+    host = f"host RAM: {gb_text(o['pinned_host_bytes'])} pinned ({parts_text or 'nothing'})"
+    if o["paged_host_bytes"]:
+        host += f" + {gb_text(o['paged_host_bytes'])} of paged optimizer states (managed memory)"
+    lines.append(host)
+    if not o["streamed_layers"]:
+        return lines
+    accum = plan.settings["grad_accumulation"]
+    lines.append(
+        f"moved per step: {gb_text(o['bytes_moved_per_step'])} host->GPU ({o['moved_layers_per_micro_batch']} layer "
+        f"copies per micro-batch: forward {o['streamed_layers']}, backward {o['streamed_layers'] - 1}, the last "
+        f"layer being still there{f'; x {accum} micro-batches' if accum > 1 else ''})"
+    )
+    rates = f"at {o['pcie_gbps']:g} GB/s (--pcie-gbps) and {o['tflops']:g} TFLOPS (--tflops)"
+    lines.append(
+        f"estimated step time: {o['step_s']:,.1f} s {rates}; compute alone {o['compute_s']:,.1f} s, copies alone "
+        f"{o['transfer_s']:,.1f} s (an estimate from FLOPs and bytes, not measured: dequantization not included)"
+    )
+    per_layer = f"a layer's copy takes {o['layer_copy_ms']:,.1f} ms, its forward {o['layer_forward_ms']:,.1f} ms"
+    hide = f"the copies hide behind compute from {o['hide_from_tokens']:,} tokens per micro-batch"
+    if o["transfer_bound"]:
+        slower = o["step_s"] / o["compute_s"] - 1
+        lines.append(
+            f"TRANSFER-BOUND: {per_layer}; at {o['tokens_per_micro_batch']:,} tokens per micro-batch PCIe sets the "
+            f"pace, {slower:.0%} slower than compute alone; {hide} (raise the batch or sequence, or keep more "
+            "layers resident)"
+        )
+    else:
+        lines.append(f"compute-bound: {per_layer}; {hide}, and this run has {o['tokens_per_micro_batch']:,}")
+    return lines
 
 
 def plan_assumptions(plan: MemoryPlan) -> str:
@@ -87,7 +137,7 @@ def plan_table(plan: MemoryPlan, recipe: bool = False) -> str:
     w = [max(len(row[i]) for row in cells) for i in range(3)]
     out = [plan_title(plan), f"{'category':<{w[0]}}  {'item':<{w[1]}}  {'MB':>{w[2]}}  explanation"]
     out += [f"{c:<{w[0]}}  {i:<{w[1]}}  {b:>{w[2]}}  {n}" for c, i, b, n in cells]
-    return "\n".join([*out, plan_assumptions(plan), plan_verdict(plan), *plan.advice(recipe)])
+    return "\n".join([*out, *offload_lines(plan), plan_assumptions(plan), plan_verdict(plan), *plan.advice(recipe)])
 
 
 def plan_markdown(plan: MemoryPlan) -> str:
@@ -99,7 +149,10 @@ def plan_markdown(plan: MemoryPlan) -> str:
     ]
     out += [f"| {c} | {i} | {b} | {n} |" for c, i, b, n in _cells(plan)]
     advice = [line if line.startswith("  - ") else f"- {line}" for line in plan.advice()]
-    return "\n".join([*out, "", plan_assumptions(plan), "", plan_verdict(plan), *advice])
+    offload = [f"- {line}" for line in offload_lines(plan)]
+    return "\n".join(
+        [*out, "", *offload, *([""] if offload else []), plan_assumptions(plan), "", plan_verdict(plan), *advice]
+    )
 
 
 def plan_to_json(plan: MemoryPlan) -> str:
@@ -112,6 +165,7 @@ def plan_from_json(text: str) -> MemoryPlan:
     rows, suggestions = [Row(**r) for r in d["rows"]], [Suggestion(**s) for s in d["suggestions"]]
     plan = MemoryPlan(ModelShape(**d["model"]), d["settings"], rows, d["gpu_bytes"], d["pageable_bytes"], suggestions)
     plan.phases, plan.peak_moment = d["phases"], d["peak_moment"]
+    plan.offload = d.get("offload", {})
     return plan
 
 
