@@ -44,6 +44,7 @@ from qlora_kit.lora import (
 )
 from qlora_kit.lora_variants import VERA_D_INITIAL, dora_merge, vera_merge
 
+INIT_KEY = "lora_init"  # qlora_kit.json: a PiSSA/LoftQ init's method, r, iters, seed (lora_init.SVDInit.metadata)
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 METADATA_NAME = "qlora_kit.json"
@@ -200,6 +201,9 @@ def write_adapter_files(
     """
     config = adapter_config_of(model, base_model_name_or_path, lora)
     state = {k: v.contiguous() for k, v in lora_state_dict(model).items()}
+    init_info = next((layer.init_info for layer in lora_layers(model).values() if hasattr(layer, "init_info")), None)
+    if init_info is not None:  # PiSSA/LoftQ: how to recompute the residual base (export, merged)
+        metadata = {**(metadata or {}), INIT_KEY: init_info}
     save_file(state, directory / WEIGHTS_NAME, metadata={"format": "pt"})
     (directory / CONFIG_NAME).write_text(json.dumps(config.to_peft_json(), indent=2) + "\n")
     if metadata is not None:
@@ -299,6 +303,14 @@ class Adapter:
             if key.endswith(".lora_A.weight")
         }
 
+    def residual(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A PiSSA/LoftQ adapter's ``W -> residual`` (what training quantized as the base), recomputed from W."""
+        from qlora_kit.lora_init import residual_weight
+
+        info, config = self.metadata[INIT_KEY], self.config
+        scaling = lora_scaling(config.lora_alpha, config.r, config.use_rslora)
+        return lambda w: residual_weight(w, info, scaling)
+
     def modules(self) -> dict[str, dict[str, torch.Tensor]]:
         """Each adapted module's tensors by PEFT suffix (``lora_A.weight``, ``lora_magnitude_vector``, ...)."""
         held: dict[str, dict[str, torch.Tensor]] = {}
@@ -309,8 +321,12 @@ class Adapter:
                         held.setdefault(key[len(PEFT_PREFIX) : -len(suffix) - 1], {})[suffix] = tensor
         return held
 
-    def merger(self, module: str) -> Callable[[torch.Tensor], torch.Tensor]:
-        """``W -> W`` with this adapter's ``module`` merged in (fp32): LoRA's, DoRA's or VeRA's formula."""
+    def merger(self, module: str, over_residual: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``W -> W`` with this adapter's ``module`` merged in (fp32): LoRA's, DoRA's or VeRA's formula.
+
+        ``over_residual``: a PiSSA/LoftQ adapter (rank-2r conversion, see ``lora_init``) merged as training
+        computed it: only its trained first r over the residual base (``residual``), not the conversion over W.
+        """
         tensors, config = self.modules()[module], self.config
         if config.variant == "vera":
             projection = self.state[VERA_A_KEY], self.state[VERA_B_KEY]
@@ -318,6 +334,9 @@ class Adapter:
                 tensors[k].to(w.device) for k in ("vera_lambda_d", "vera_lambda_b")))  # fmt: skip
         a, b = tensors["lora_A.weight"], tensors["lora_B.weight"]
         scaling = lora_scaling(config.lora_alpha, config.r, config.use_rslora)
+        if over_residual:
+            trained = int(self.metadata[INIT_KEY]["r"])
+            a, b = a[:trained], b[:, :trained]
         if config.variant == "dora":
             magnitude = tensors["lora_magnitude_vector"]
             return lambda w: dora_merge(w, a.to(w.device), b.to(w.device), magnitude.to(w.device), scaling)

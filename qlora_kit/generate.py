@@ -36,7 +36,7 @@ from qlora_kit.data.templates import has_chat_template
 from qlora_kit.errors import QloraKitError
 from qlora_kit.facts import PROMPT_TEMPLATES
 from qlora_kit.loading import load_model, load_tokenizer, resolve_device, resolve_dtype
-from qlora_kit.lora import lora_layers, merge_lora_weight
+from qlora_kit.lora import lora_layers
 from qlora_kit.models import resolve_model_dir
 from qlora_kit.prequantized import bnb_quantization, is_nf4_double_quant
 from qlora_kit.quant import NF4Linear
@@ -122,7 +122,8 @@ def generate_text(
 
 @torch.no_grad()
 def fold_lora(model: nn.Module, dtype: torch.dtype | None = None) -> int:
-    """Replace every ``LoRALinear`` by a dense ``nn.Linear`` holding ``W + scaling * B @ A`` (``W`` dequantized).
+    """Replace every ``LoRALinear`` by a dense ``nn.Linear`` holding ``W + scaling * B @ A`` (``W`` dequantized;
+    DoRA's and VeRA's layers merge by their own formulas, ``merged_weight``).
 
     The merge is computed in fp32 (as export does) and stored in ``dtype`` (default: the embeddings').
     Returns the number of layers folded.
@@ -133,7 +134,7 @@ def fold_lora(model: nn.Module, dtype: torch.dtype | None = None) -> int:
         base = layer.base
         weight = base.dequantize(torch.float32) if isinstance(base, NF4Linear) else base.weight
         if not layer.disabled:
-            weight = merge_lora_weight(weight, layer.lora_a.weight, layer.lora_b.weight, layer.scaling)
+            weight = layer.merged_weight(weight)
         dense = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None, device="meta")
         dense.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
         if base.bias is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -136,10 +137,13 @@ def load_model(
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "auto",
     quantize: bool = True,
+    weight_hook: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> nn.Module:
     """A causal LM with NF4 decoder linears (or dense ones with ``quantize=False``), ready for ``add_lora``.
 
     ``name_or_path``: a checkpoint dir, a hub id, or a short id (see ``qlora_kit.models``).
+    ``weight_hook(module_name, weight) -> weight``: called on each decoder linear's 16-bit weight (on the
+    device) before it is quantized; what it returns is quantized (``lora_init.SVDInit``: PiSSA/LoftQ).
     The returned model has ``model.name_or_path`` set to the resolved directory and is in eval mode.
     """
     model_dir = resolve_model_dir(str(name_or_path))
@@ -161,7 +165,11 @@ def load_model(
         if name in packed:
             load_packed_weight(module, name, entries, device)
         elif isinstance(module, NF4Linear) and attr == "weight":
-            module.load_weight(read_tensor(entry).to(device))  # the dense source goes at once: only codes stay
+            weight = read_tensor(entry).to(device)
+            if weight_hook is not None:
+                weight = weight_hook(module_name, weight)
+            module.load_weight(weight)  # the dense source goes at once: only codes stay
+            del weight
         else:
             setattr(module, attr, nn.Parameter(read_tensor(entry).to(device).to(dtype), requires_grad=False))
         release_freed_memory()

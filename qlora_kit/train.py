@@ -38,9 +38,10 @@ from qlora_kit.errors import QloraKitError
 from qlora_kit.facts import auto_optimizer, resolve_adapter_dtype
 from qlora_kit.loading import DTYPES, dtype_name, load_model, load_tokenizer, resolve_device, resolve_dtype
 from qlora_kit.lora import LoRAReport, add_lora
+from qlora_kit.lora_init import finish_svd_init, make_svd_init
 from qlora_kit.loss import causal_lm_loss, label_count
 from qlora_kit.memory import check_budget
-from qlora_kit.optim import make_optimizer, make_scheduler, repage_states, total_steps
+from qlora_kit.optim import loraplus_groups, make_optimizer, make_scheduler, repage_states, total_steps
 from qlora_kit.run import Run, RunInputs, StepStats, TrainResult, TrainState
 from qlora_kit.runlog import RunLog, memory_gb
 from qlora_kit.samples import reproduce_commands, sample_prompts, write_samples
@@ -105,9 +106,14 @@ def load_lora_model(
     cfg: RunConfig, device: torch.device, dtype: torch.dtype, adapter_dtype: torch.dtype
 ) -> tuple[nn.Module, LoRAReport]:
     """The recipe's 4-bit model with its LoRA adapters (and gradient checkpointing if asked): what fit trains."""
-    model = load_model(cfg.model.name_or_path, device=device, dtype=dtype)
     lc = cfg.lora
-    report = add_lora(model, lc.targets, lc.r, lc.alpha, lc.dropout, lc.use_rslora, adapter_dtype)
+    svd_init = make_svd_init(lc, cfg.model.name_or_path, dtype)  # None for lora.init=default
+    model = load_model(cfg.model.name_or_path, device=device, dtype=dtype, weight_hook=svd_init)
+    report = add_lora(
+        model, lc.targets, lc.r, lc.alpha, lc.dropout, lc.use_rslora, adapter_dtype, lc.variant, lc.vera_projection_seed
+    )
+    if svd_init is not None:
+        finish_svd_init(model, svd_init, cfg.model.name_or_path)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, report
@@ -121,7 +127,8 @@ def setup(inputs: RunInputs) -> Run:
     logger.info(str(report))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer_name = auto_optimizer(inputs.device.type) if cfg.train.optimizer == "auto" else cfg.train.optimizer
-    optimizer = make_optimizer(optimizer_name, params, cfg.train, inputs.device)
+    groups = loraplus_groups(model, cfg.train) if cfg.train.loraplus_lr_ratio else params
+    optimizer = make_optimizer(optimizer_name, groups, cfg.train, inputs.device)
     scheduler = make_scheduler(optimizer, cfg.train, inputs.total_steps)
     run = Run(
         **vars(inputs),
