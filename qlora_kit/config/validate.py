@@ -89,6 +89,11 @@ def _lora(p: _Problems, cfg: RunConfig) -> None:
     p.choice("lora.init", LORA_INITS)
     p.check(lo.init_iters >= 1, "lora.init_iters", "must be >= 1")
     p.check(
+        not (lo.variant == "vera" and lo.use_rslora),
+        "lora.use_rslora",
+        "does not apply to lora.variant=vera (VeRA has no alpha/r scaling); set it to false",
+    )
+    p.check(
         lo.init == "default" or lo.variant == "lora",
         "lora.init",
         f"{lo.init} initializes plain LoRA's A and B; use lora.variant=lora with it, or lora.init=default",
