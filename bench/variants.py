@@ -129,8 +129,8 @@ def main() -> None:
         results[name] = json.loads((out / "result.json").read_text())
     reference = loss_16bit()
     cost = dora_cost()
-    save_results("variants", {"steps": args.steps, "loss_16bit": reference, "variants": results, "dora_cost": cost},
-                 _markdown(args.steps, reference, results, cost, load_at_start))  # fmt: skip
+    data = {"steps": args.steps, "loss_16bit": reference, "variants": results, "dora_cost": cost}
+    save_results("variants", data, _markdown(args.steps, reference, results, cost, load_at_start))
 
 
 def _markdown(steps: int, reference: float, results: dict[str, dict], cost: dict, load_at_start: float) -> str:
@@ -162,7 +162,8 @@ def _markdown(steps: int, reference: float, results: dict[str, dict], cost: dict
         for part in [
             "# LoRA's variants on the default recipe",
             f"`recipes/smollm2_alpaca.yaml` (SmolLM2-135M-Instruct, NF4, all-linear r=16, lr 3e-4 cosine), "
-            f"{steps} steps each, the same data, seed and schedule; held-out loss on recipes/data/text_tools_val.jsonl. "
+            f"{steps} steps each, the same data, seed and schedule; held-out loss on "
+            "recipes/data/text_tools_val.jsonl. "
             f"The 16-bit model's held-out loss is {reference:.4f}; the ratio is exp(step-0 loss - that).",
             busy_machine_note(load_at_start),
             "**tokens/s and load times were measured under contention** (other jobs shared the 2 cores): compare "

@@ -329,9 +329,8 @@ class Adapter:
         """
         tensors, config = self.modules()[module], self.config
         if config.variant == "vera":
-            projection = self.state[VERA_A_KEY], self.state[VERA_B_KEY]
-            return lambda w: vera_merge(w, *(t.to(w.device) for t in projection), *(
-                tensors[k].to(w.device) for k in ("vera_lambda_d", "vera_lambda_b")))  # fmt: skip
+            held = [self.state[VERA_A_KEY], self.state[VERA_B_KEY], tensors["vera_lambda_d"], tensors["vera_lambda_b"]]
+            return lambda w: vera_merge(w, *(t.to(w.device) for t in held))
         a, b = tensors["lora_A.weight"], tensors["lora_B.weight"]
         scaling = lora_scaling(config.lora_alpha, config.r, config.use_rslora)
         if over_residual:

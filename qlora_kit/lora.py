@@ -299,8 +299,7 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _peft_key_on_disk(key: str) -> str:
     """PEFT's in-memory key (with the adapter name ``default``) as it is on disk."""
-    key = key.replace(".default.weight", ".weight")
-    return key.removesuffix(".default") if key.endswith("lora_magnitude_vector.default") else key
+    return key.replace(".default.weight", ".weight").removesuffix(".default")
 
 
 def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "adapter") -> None:

@@ -119,8 +119,15 @@ class DoRALinear(LoRALinear):
 
     variant = "dora"
 
-    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
-                 dtype: torch.dtype = torch.float32) -> None:  # fmt: skip
+    def __init__(
+        self,
+        base: nn.Module,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         super().__init__(base, r, alpha, dropout, use_rslora, dtype)
         norm = dora_row_norm(base_weight(base), self.lora_a.weight.float(), self.lora_b.weight.float(), self.scaling)
         self.lora_magnitude = nn.Parameter(norm.to(dtype))
@@ -221,8 +228,15 @@ class VeRALinear(LoRALinear):
 
     variant = "vera"
 
-    def __init__(self, base: nn.Module, r: int, projection: tuple[torch.Tensor, torch.Tensor], dropout: float = 0.0,
-                 dtype: torch.dtype = torch.float32, alpha: float = 1.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        base: nn.Module,
+        r: int,
+        projection: tuple[torch.Tensor, torch.Tensor],
+        dropout: float = 0.0,
+        dtype: torch.dtype = torch.float32,
+        alpha: float = 1.0,
+    ) -> None:
         nn.Module.__init__(self)  # LoRALinear's A/B are not made: VeRA's are shared and frozen
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
