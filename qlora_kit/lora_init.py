@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from qlora_kit.adapter import INIT_KEY, Adapter
 from qlora_kit.errors import QloraKitError
 from qlora_kit.facts import select_targets
 from qlora_kit.lora import lora_layers
@@ -132,3 +133,29 @@ def finish_svd_init(model: nn.Module, init: SVDInit, name_or_path: str) -> None:
             "checkpoint of the model, or lora.init=default"
         )
     apply_init(model, init)
+
+
+class ResidualHook:
+    """Loading a PiSSA/LoftQ adapter's base for inference as training had it: ``hook(name, weight)`` turns each
+    adapted module's 16-bit weight into the residual training quantized (``Adapter.residual``); after
+    ``load_adapter``, ``keep_trained(model)`` drops the conversion's ``-B0 A0`` half of the layers whose base
+    went through the hook, so they compute ``nf4(residual) + s B A``, exactly the trained model. A base that
+    never passes the hook (already 4-bit, or loaded dense) keeps the conversion: PEFT's meaning over W."""
+
+    def __init__(self, adapter: Adapter) -> None:
+        self.modules = set(adapter.modules())
+        self.residual = adapter.residual()
+        self.trained_r = int(adapter.metadata[INIT_KEY]["r"])
+        self.done: set[str] = set()
+
+    def __call__(self, module_name: str, weight: torch.Tensor) -> torch.Tensor:
+        if module_name not in self.modules:
+            return weight
+        self.done.add(module_name)
+        return self.residual(weight)
+
+    @torch.no_grad()
+    def keep_trained(self, model: nn.Module) -> None:
+        layers = lora_layers(model)
+        for name in self.done:
+            layers[name].lora_b.weight[:, self.trained_r :] = 0

@@ -14,12 +14,14 @@ from qlora_kit.adapter import read_adapter, save_adapter
 from qlora_kit.config.schema import LoRAConfig
 from qlora_kit.errors import QloraKitError
 from qlora_kit.export import export_merged
+from qlora_kit.generate import load_for_generation
 from qlora_kit.loading import load_model
 from qlora_kit.lora import add_lora, lora_layers, lora_scaling
 from qlora_kit.lora_init import finish_svd_init, init_residual, make_svd_init
 from qlora_kit.quant import NF4Linear
 from tests.conftest import save_tiny_checkpoint
 from tests.test_lora_variants import _logits, _randomize
+from tests.test_train import tiny_model_dir  # noqa: F401  (a fixture)
 
 SMOLLM2_LAYERS = [
     "model.layers.0.self_attn.q_proj.weight",
@@ -94,6 +96,13 @@ def test_the_converted_adapter_over_the_original_base_is_the_trained_model(tmp_p
     export_merged(adapter, tmp_path / "export", dtype="fp32", device="cpu")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "export", dtype=torch.float32)
     torch.testing.assert_close(_logits(merged), _logits(ours), rtol=0, atol=1e-4)
+
+
+def test_generate_loads_a_pissa_adapter_as_it_was_trained(tiny_model_dir, tmp_path):  # noqa: F811
+    ours = _pissa_model(tiny_model_dir)
+    adapter = save_adapter(ours, tmp_path / "adapter", str(tiny_model_dir))
+    loaded, _, _ = load_for_generation(str(tiny_model_dir), str(adapter), "cpu", "fp32", None, merge_adapter=False)
+    torch.testing.assert_close(_logits(loaded), _logits(ours), rtol=0, atol=1e-5)  # the 4-bit residual, not W
 
 
 def test_init_needs_the_16bit_weights(tmp_path):
