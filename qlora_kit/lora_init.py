@@ -12,7 +12,8 @@ recomputes exactly the base training saw, from the original checkpoint.
 Saved adapters are PEFT's conversion of them (``LoRALinear.peft_tensors``): a rank-2r LoRA whose
 ``B'A' = BA - B0A0`` applies to the ORIGINAL base weight, so any PEFT-reading stack can use it; over the dense
 original base it computes ``W - s B0A0 + s BA``, i.e. the trained adapters over the dense (unquantized)
-residual. What training computed is ``nf4(residual) + s BA``: merged export gives that.
+residual. What training computed is ``nf4(residual) + s BA``: merged export gives that, and so does
+``generate`` over the 16-bit base (``ResidualHook``). qlora_kit.json records the init (method, r, iters, seed).
 """
 
 from __future__ import annotations

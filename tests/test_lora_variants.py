@@ -209,6 +209,18 @@ def test_export_and_fold_merge_each_variant(tmp_path, variant):
     torch.testing.assert_close(_logits(ours), expected, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("variant", ["dora", "vera"])
+def test_generate_loads_each_variant(tiny_model_dir, tmp_path, variant):  # noqa: F811
+    from qlora_kit.generate import load_for_generation
+
+    ours = _adapted(tiny_model_dir, variant)
+    adapter = save_adapter(ours, tmp_path / "adapter", str(tiny_model_dir))
+    for merge in (False, True):  # as adapter layers, and folded into dense weights (--merge-adapter)
+        loaded, _, _ = load_for_generation(str(tiny_model_dir), str(adapter), "cpu", "fp32", None, merge)
+        assert bool(lora_layers(loaded)) is not merge
+        torch.testing.assert_close(_logits(loaded), _logits(ours), rtol=0, atol=1e-4)
+
+
 # --- training: resume ---------------------------------------------------------------------------------------
 
 
