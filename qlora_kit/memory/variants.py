@@ -59,7 +59,7 @@ def variant_rows(shape: ModelShape, s: dict, n_lora: int) -> list[tuple[str, str
     rows = []
     if s["variant"] == "dora":
         max_out, max_in = max(o for o, _ in linears), max(i for _, i in linears)
-        block = min(DORA_NORM_ROWS_NUMEL, max_out * max_in) * c
+        block = min(DORA_NORM_ROWS_NUMEL, max_out * max_in) * 4  # the norm is taken in fp32
         tokens = s["batch_size"] * s["seq_len"]
         backward = 2 * tokens * max_out * c
         note = (
