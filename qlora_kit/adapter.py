@@ -181,6 +181,8 @@ def adapter_config_of(
             )
     settings = lora if lora is not None else held[0]
     config = adapter_config_for(settings, list(layers), decoder_linear_names(model), base_model_name_or_path)
+    if config.variant == "vera":  # the seed the layers' projection was drawn from
+        config.projection_prng_key = next(iter(layers.values())).projection_prng_key
     if any(getattr(layer, "init_a", None) is not None for layer in layers.values()):
         # PiSSA/LoftQ: written as PEFT's conversion writes it (LoRALinear.peft_tensors): rank 2r, same scaling
         config.r *= 2

@@ -262,7 +262,7 @@ def _layer_maker(model: nn.Module, names: list[str], r: int, variant: str, key: 
         held = next(model.get_submodule(names[0]).buffers(), next(model.get_submodule(names[0]).parameters(), None))
         projection = tuple(t.to(held.device) for t in lora_variants.vera_projection(r, shapes, key))
         return lambda base, r, alpha, dropout, use_rslora, dtype: lora_variants.VeRALinear(
-            base, r, projection, dropout, dtype, alpha
+            base, r, projection, dropout, dtype, alpha, key
         )
     raise QloraKitError(f"unknown LoRA variant {variant!r}; use one of {', '.join(LORA_VARIANTS)}")
 

@@ -241,6 +241,7 @@ class VeRALinear(LoRALinear):
         dropout: float = 0.0,
         dtype: torch.dtype = torch.float32,
         alpha: float = 1.0,
+        projection_prng_key: int = 0,
     ) -> None:
         nn.Module.__init__(self)  # LoRALinear's A/B are not made: VeRA's are shared and frozen
         self.base = base
@@ -250,6 +251,7 @@ class VeRALinear(LoRALinear):
         self.disabled = False
         vera_a, vera_b = projection
         self.projection = projection  # the shared pair itself, saved once as base_model.vera_A / vera_B
+        self.projection_prng_key = projection_prng_key  # the seed it was drawn from (adapter_config.json)
         self.register_buffer("vera_a", vera_a[:, : self.in_features], persistent=False)
         self.register_buffer("vera_b", vera_b[: self.out_features], persistent=False)
         self.vera_lambda_d = nn.Parameter(torch.full((r,), VERA_D_INITIAL, dtype=dtype, device=vera_a.device))

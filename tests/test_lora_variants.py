@@ -179,6 +179,11 @@ def test_we_load_peft_written_adapters_of_each_variant(tmp_path, variant, save_p
     config = load_adapter(ours, tmp_path / "adapter")
     assert config.variant == variant and len(lora_layers(ours)) == 2 * 7
     torch.testing.assert_close(_logits(ours), _logits(theirs), rtol=0, atol=1e-4)
+    save_adapter(ours, tmp_path / "again")  # and saved again, it says what PEFT wrote
+    again = json.loads((tmp_path / "again" / CONFIG_NAME).read_text())
+    written = json.loads((tmp_path / "adapter" / CONFIG_NAME).read_text())
+    keys = ("projection_prng_key",) if variant == "vera" else ("use_dora", "lora_alpha")
+    assert {k: again[k] for k in ("peft_type", "r", *keys)} == {k: written[k] for k in ("peft_type", "r", *keys)}
 
 
 def test_a_variant_adapter_missing_a_tensor_is_refused_by_name(tmp_path):
