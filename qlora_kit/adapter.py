@@ -1,7 +1,11 @@
 """Adapters on disk in PEFT's layout: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
 ``peft.PeftModel.from_pretrained(base, dir)`` loads what ``save_adapter`` writes, and ``load_adapter``
-loads what peft writes (LoRA on linear layers, bias "none"). ``read_adapter`` is the one reader of an
+loads what peft writes (on linear layers, bias "none"): LoRA and rsLoRA; DoRA (``use_dora``, a
+``lora_magnitude_vector`` per module); VeRA (``peft_type`` VERA, ``vera_lambda_b``/``vera_lambda_d`` per module
+and the shared projection ``base_model.vera_A``/``vera_B``, drawn again from ``projection_prng_key`` when PEFT
+saved without it); a PiSSA/LoftQ run's adapter is written as PEFT's rank-2r conversion (``lora_init``).
+``read_adapter`` is the one reader of an
 adapter's files (``load_adapter``, export and checkpoint resume all go through it); writes go through
 ``atomic.atomic_dir``.
 
