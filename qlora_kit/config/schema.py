@@ -55,7 +55,9 @@ class LoRAConfig:
     init: str = "default"
     """default (A random, B zero) | pissa (A, B = the top-r singular directions of each 16-bit weight; the
     residual is quantized) | loftq (alternate quantize / SVD of the quantization error, lora.init_iters
-    times). Both start closer to the 16-bit model than plain NF4; computed while loading (variant lora only).
+    times). Each layer starts closer to its 16-bit weight than with plain NF4 (not always the whole model:
+    bench/results/variants.md); computed while loading (variant lora only). With pissa the adapter holds the
+    weight's principal part, so lora.dropout drops part of it in training: PiSSA's paper uses dropout 0.
     The saved adapter is the rank-2r LoRA over the ORIGINAL base that PEFT's own conversion writes."""
     init_iters: int = 1
     """loftq: quantize/SVD alternations (LoftQ's T; 1 = quantize W, then fit the error)."""
