@@ -1,7 +1,11 @@
 """Adapters on disk in PEFT's layout: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
 ``peft.PeftModel.from_pretrained(base, dir)`` loads what ``save_adapter`` writes, and ``load_adapter``
-loads what peft writes (LoRA on linear layers, bias "none"). ``read_adapter`` is the one reader of an
+loads what peft writes (on linear layers, bias "none"): LoRA and rsLoRA; DoRA (``use_dora``, a
+``lora_magnitude_vector`` per module); VeRA (``peft_type`` VERA, ``vera_lambda_b``/``vera_lambda_d`` per module
+and the shared projection ``base_model.vera_A``/``vera_B``, drawn again from ``projection_prng_key`` when PEFT
+saved without it); a PiSSA/LoftQ run's adapter is written as PEFT's rank-2r conversion (``lora_init``).
+``read_adapter`` is the one reader of an
 adapter's files (``load_adapter``, export and checkpoint resume all go through it); writes go through
 ``atomic.atomic_dir``.
 
@@ -18,7 +22,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,8 +35,20 @@ from torch import nn
 from qlora_kit.architecture import decoder_linear_names
 from qlora_kit.atomic import atomic_dir
 from qlora_kit.errors import QloraKitError
-from qlora_kit.lora import PEFT_PREFIX, add_lora, load_lora_state_dict, lora_layers, lora_state_dict
+from qlora_kit.lora import (
+    PEFT_PREFIX,
+    VERA_A_KEY,
+    VERA_B_KEY,
+    add_lora,
+    load_lora_state_dict,
+    lora_layers,
+    lora_scaling,
+    lora_state_dict,
+    merge_lora_weight,
+)
+from qlora_kit.lora_variants import VERA_D_INITIAL, dora_merge, vera_merge
 
+INIT_KEY = "lora_init"  # qlora_kit.json: a PiSSA/LoftQ init's method, r, iters, seed (lora_init.SVDInit.metadata)
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 METADATA_NAME = "qlora_kit.json"
@@ -46,8 +62,27 @@ class AdapterConfig:
     target_modules: list[str]
     use_rslora: bool = False
     base_model_name_or_path: str | None = None
+    variant: str = "lora"  # lora | dora (PEFT: use_dora) | vera (PEFT: peft_type VERA)
+    projection_prng_key: int = 0  # vera: the seed of the shared projection (saved with it as well)
 
     def to_peft_json(self) -> dict:
+        if self.variant == "vera":
+            return {
+                "peft_type": "VERA",
+                "task_type": "CAUSAL_LM",
+                "r": self.r,
+                "target_modules": self.target_modules,
+                "projection_prng_key": self.projection_prng_key,
+                "save_projection": True,
+                "vera_dropout": self.lora_dropout,
+                "d_initial": VERA_D_INITIAL,
+                "bias": "none",
+                "fan_in_fan_out": False,
+                "inference_mode": True,
+                "init_weights": True,
+                "modules_to_save": None,
+                "base_model_name_or_path": self.base_model_name_or_path,
+            }
         return {
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
@@ -56,6 +91,7 @@ class AdapterConfig:
             "lora_dropout": self.lora_dropout,
             "target_modules": self.target_modules,
             "use_rslora": self.use_rslora,
+            "use_dora": self.variant == "dora",
             "bias": "none",
             "fan_in_fan_out": False,
             "inference_mode": True,
@@ -72,6 +108,7 @@ class LoRASettings(Protocol):
     alpha: float
     dropout: float
     use_rslora: bool
+    # also read when present (config.LoRAConfig has them): variant ("lora"), vera_projection_seed (0)
 
 
 @dataclass(frozen=True)
@@ -80,9 +117,13 @@ class _LayerSettings:
     alpha: float
     dropout: float
     use_rslora: bool
+    variant: str = "lora"
 
     def __str__(self) -> str:
-        return f"r={self.r}, alpha={self.alpha:g}, dropout={self.dropout:g}, use_rslora={self.use_rslora}"
+        return (
+            f"r={self.r}, alpha={self.alpha:g}, dropout={self.dropout:g}, use_rslora={self.use_rslora}, "
+            f"variant={self.variant}"
+        )
 
 
 # --- writing ----------------------------------------------------------------------------------------------
@@ -112,6 +153,8 @@ def adapter_config_for(
         targets,
         bool(lora.use_rslora),
         stored_base_path(base_model_name_or_path),
+        getattr(lora, "variant", "lora"),
+        int(getattr(lora, "vera_projection_seed", 0)),
     )
 
 
@@ -125,19 +168,30 @@ def adapter_config_of(
         raise QloraKitError("the model has no LoRA layers to save; call add_lora first")
     held = [
         _LayerSettings(
-            layer.r, layer.alpha, layer.dropout.p if isinstance(layer.dropout, nn.Dropout) else 0.0, layer.use_rslora
+            layer.r,
+            layer.alpha,
+            layer.dropout.p if isinstance(layer.dropout, nn.Dropout) else 0.0,
+            layer.use_rslora,
+            layer.variant,
         )
         for layer in layers.values()
     ]
     if lora is not None:
-        given = _LayerSettings(lora.r, lora.alpha, lora.dropout, lora.use_rslora)
+        given = _LayerSettings(lora.r, lora.alpha, lora.dropout, lora.use_rslora, getattr(lora, "variant", "lora"))
         if set(held) != {given}:
             raise QloraKitError(
                 f"the LoRA config to save ({given}) is not what the model's LoRA layers hold "
                 f"({'; '.join(sorted(set(map(str, held))))}); save the config the layers were added with"
             )
     settings = lora if lora is not None else held[0]
-    return adapter_config_for(settings, list(layers), decoder_linear_names(model), base_model_name_or_path)
+    config = adapter_config_for(settings, list(layers), decoder_linear_names(model), base_model_name_or_path)
+    if config.variant == "vera":  # the seed the layers' projection was drawn from
+        config.projection_prng_key = next(iter(layers.values())).projection_prng_key
+    if any(getattr(layer, "init_a", None) is not None for layer in layers.values()):
+        # PiSSA/LoftQ: written as PEFT's conversion writes it (LoRALinear.peft_tensors): rank 2r, same scaling
+        config.r *= 2
+        config.lora_alpha *= 2**0.5 if config.use_rslora else 2
+    return config
 
 
 def write_adapter_files(
@@ -155,6 +209,9 @@ def write_adapter_files(
     """
     config = adapter_config_of(model, base_model_name_or_path, lora)
     state = {k: v.contiguous() for k, v in (lora_state_dict(model) if state is None else state).items()}
+    init_info = next((layer.init_info for layer in lora_layers(model).values() if hasattr(layer, "init_info")), None)
+    if init_info is not None:  # PiSSA/LoftQ: how to recompute the residual base (export, merged)
+        metadata = {**(metadata or {}), INIT_KEY: init_info}
     save_file(state, directory / WEIGHTS_NAME, metadata={"format": "pt"})
     (directory / CONFIG_NAME).write_text(json.dumps(config.to_peft_json(), indent=2) + "\n")
     if metadata is not None:
@@ -247,13 +304,51 @@ class Adapter:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def pairs(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """(A, B) per adapted module name (``model.layers.0.self_attn.q_proj``)."""
+        """(A, B) per adapted module name (``model.layers.0.self_attn.q_proj``); none for VeRA."""
         prefix, suffix = len(PEFT_PREFIX), len(".lora_A.weight")
         return {
             key[prefix:-suffix]: (tensor, self.state[key.replace(".lora_A.", ".lora_B.")])
             for key, tensor in self.state.items()
             if key.endswith(".lora_A.weight")
         }
+
+    def residual(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A PiSSA/LoftQ adapter's ``W -> residual`` (what training quantized as the base), recomputed from W."""
+        from qlora_kit.lora_init import residual_weight
+
+        info, config = self.metadata[INIT_KEY], self.config
+        scaling = lora_scaling(config.lora_alpha, config.r, config.use_rslora)
+        return lambda w: residual_weight(w, info, scaling)
+
+    def modules(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Each adapted module's tensors by PEFT suffix (``lora_A.weight``, ``lora_magnitude_vector``, ...)."""
+        held: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in self.state.items():
+            if key.startswith(PEFT_PREFIX):
+                for suffix in VARIANT_SUFFIXES[self.config.variant]:
+                    if key.endswith("." + suffix):
+                        held.setdefault(key[len(PEFT_PREFIX) : -len(suffix) - 1], {})[suffix] = tensor
+        return held
+
+    def merger(self, module: str, over_residual: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``W -> W`` with this adapter's ``module`` merged in (fp32): LoRA's, DoRA's or VeRA's formula.
+
+        ``over_residual``: a PiSSA/LoftQ adapter (rank-2r conversion, see ``lora_init``) merged as training
+        computed it: only its trained first r over the residual base (``residual``), not the conversion over W.
+        """
+        tensors, config = self.modules()[module], self.config
+        if config.variant == "vera":
+            held = [self.state[VERA_A_KEY], self.state[VERA_B_KEY], tensors["vera_lambda_d"], tensors["vera_lambda_b"]]
+            return lambda w: vera_merge(w, *(t.to(w.device) for t in held))
+        a, b = tensors["lora_A.weight"], tensors["lora_B.weight"]
+        scaling = lora_scaling(config.lora_alpha, config.r, config.use_rslora)
+        if over_residual:
+            trained = int(self.metadata[INIT_KEY]["r"])
+            a, b = a[:trained], b[:, :trained]
+        if config.variant == "dora":
+            magnitude = tensors["lora_magnitude_vector"]
+            return lambda w: dora_merge(w, a.to(w.device), b.to(w.device), magnitude.to(w.device), scaling)
+        return lambda w: merge_lora_weight(w, a.to(w.device), b.to(w.device), scaling)
 
 
 def read_adapter(directory: str | Path) -> Adapter:
@@ -263,7 +358,7 @@ def read_adapter(directory: str | Path) -> Adapter:
     """
     directory = Path(directory)
     config = read_adapter_config(directory)
-    state = _read_weights(directory, config.r)
+    state = _read_weights(directory, config)
     return Adapter(directory, config, state, read_metadata(directory))
 
 
@@ -291,28 +386,48 @@ def _config_from_json(raw: dict, config_file: Path) -> AdapterConfig:
     def refuse(problem: str) -> AdapterFileError:
         return AdapterFileError(f"{config_file}: {problem}", CONFIG_NAME)
 
-    if raw.get("peft_type", "LORA") != "LORA":
-        raise refuse(f"peft_type {raw.get('peft_type')!r} is not supported; only LORA is")
+    peft_type = raw.get("peft_type", "LORA")
+    if peft_type not in ("LORA", "VERA"):
+        raise refuse(f"peft_type {peft_type!r} is not supported; LORA (with or without use_dora) and VERA are")
     if raw.get("bias", "none") != "none" or raw.get("modules_to_save"):
         raise refuse("only bias='none' adapters without modules_to_save are supported")
     targets = raw.get("target_modules")
     if isinstance(targets, str):
         raise refuse(f"target_modules is a pattern ({targets!r}); list the module names instead")
+    vera = peft_type == "VERA"
     try:
         return AdapterConfig(
             r=int(raw["r"]),
-            lora_alpha=float(raw["lora_alpha"]),
-            lora_dropout=float(raw.get("lora_dropout", 0.0)),
+            lora_alpha=1.0 if vera else float(raw["lora_alpha"]),
+            lora_dropout=float(raw.get("vera_dropout" if vera else "lora_dropout", 0.0)),
             target_modules=list(targets),
             use_rslora=bool(raw.get("use_rslora", False)),
             base_model_name_or_path=raw.get("base_model_name_or_path"),
+            variant="vera" if vera else ("dora" if raw.get("use_dora") else "lora"),
+            projection_prng_key=int(raw.get("projection_prng_key", 0)),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise AdapterFileError(f"{config_file} lacks a valid {e} entry", CONFIG_NAME) from None
 
 
-def _read_weights(directory: Path, r: int) -> dict[str, torch.Tensor]:
-    """The weights under PEFT's on-disk names (peft's in-memory ``.default`` dropped), checked pair by pair."""
+# Each variant's tensors per adapted module, as PEFT names them on disk (in memory it adds ".default").
+VARIANT_SUFFIXES = {
+    "lora": ("lora_A.weight", "lora_B.weight"),
+    "dora": ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector"),
+    "vera": ("vera_lambda_b", "vera_lambda_d"),
+}
+VARIANT_SETS = {
+    "lora": "LoRA A/B pair",
+    "dora": "DoRA set (lora_A, lora_B, lora_magnitude_vector)",
+    "vera": "VeRA pair (vera_lambda_b, vera_lambda_d)",
+}
+_TENSOR_KEY = re.compile(
+    rf"{re.escape(PEFT_PREFIX)}(.+)\.(lora_[AB]|lora_magnitude_vector|vera_lambda_[bd])(?:\.default)?(\.weight)?"
+)
+_PROJECTION_KEY = re.compile(r"(base_model\.vera_[AB])(?:\.default)?")
+
+
+def _load_safetensors(directory: Path) -> dict[str, torch.Tensor]:
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         old = (directory / "adapter_model.bin").is_file()
@@ -321,32 +436,49 @@ def _read_weights(directory: Path, r: int) -> dict[str, torch.Tensor]:
             f"{directory} has {CONFIG_NAME} but no {WEIGHTS_NAME}; the adapter is incomplete{hint}", WEIGHTS_NAME
         )
     try:
-        state = load_file(weights)
+        return load_file(weights)
     except (SafetensorError, OSError) as e:
         raise AdapterFileError(f"{weights} is damaged or not a safetensors file ({e})", WEIGHTS_NAME) from None
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in state.items():
-        match = re.fullmatch(rf"{re.escape(PEFT_PREFIX)}(.+)\.lora_([AB])(?:\.default)?\.weight", key)
-        if match is None:
+
+
+def _read_weights(directory: Path, config: AdapterConfig) -> dict[str, torch.Tensor]:
+    """The weights under PEFT's on-disk names (peft's in-memory ``.default`` dropped), checked module by module:
+    each holds its variant's tensors (``VARIANT_SUFFIXES``), ranks as the config's ``r`` says."""
+    weights, r, variant = directory / WEIGHTS_NAME, config.r, config.variant
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    projection: dict[str, torch.Tensor] = {}
+    for key, tensor in _load_safetensors(directory).items():
+        match, shared = _TENSOR_KEY.fullmatch(key), _PROJECTION_KEY.fullmatch(key)
+        kind = match and match.group(2) + (".weight" if match.group(2) in ("lora_A", "lora_B") else "")
+        if shared is not None and variant == "vera":
+            projection[shared.group(1)] = tensor
+        elif match is not None and kind in VARIANT_SUFFIXES[variant]:
+            modules.setdefault(match.group(1), {})[kind] = tensor
+        else:
             raise AdapterFileError(
-                f"{weights}: unexpected tensor {key!r}; an adapter holds LoRA A/B weights only", WEIGHTS_NAME
+                f"{weights}: unexpected tensor {key!r}; a {variant} adapter holds "
+                f"{', '.join(VARIANT_SUFFIXES[variant])} per module (see {CONFIG_NAME})",
+                WEIGHTS_NAME,
             )
-        pairs.setdefault(match.group(1), {})[match.group(2)] = tensor
-    incomplete = sorted(name for name, pair in pairs.items() if len(pair) != 2)
-    if incomplete or not pairs:
+    incomplete = sorted(name for name, held in modules.items() if len(held) != len(VARIANT_SUFFIXES[variant]))
+    if incomplete or not modules:
         raise AdapterFileError(
-            f"{weights}: no complete LoRA A/B pair (e.g. {incomplete[:1] or 'no tensors'})", WEIGHTS_NAME
+            f"{weights}: no complete {VARIANT_SETS[variant]} (e.g. {incomplete[:1] or 'no tensors'})",
+            WEIGHTS_NAME,
         )
-    for name, pair in pairs.items():  # the scaling comes from the config's r: it must be the weights' rank
-        for which, rank_dim in (("A", 0), ("B", 1)):
-            tensor = pair[which]
-            if tensor.dim() != 2 or tensor.shape[rank_dim] != r:
+    for name, held in modules.items():  # the scaling comes from the config's r: it must be the weights' rank
+        for suffix, rank_dim in (("lora_A.weight", 0), ("lora_B.weight", 1), ("vera_lambda_d", 0)):
+            tensor = held.get(suffix)
+            if tensor is not None and (
+                tensor.dim() != (1 if suffix == "vera_lambda_d" else 2) or tensor.shape[rank_dim] != r
+            ):
                 raise AdapterFileError(
-                    f"{weights}: {name}.lora_{which} has shape {tuple(tensor.shape)} but {CONFIG_NAME} says r={r}; "
-                    "the adapter files do not belong together",
+                    f"{weights}: {name}.{suffix.removesuffix('.weight')} has shape {tuple(tensor.shape)} but "
+                    f"{CONFIG_NAME} says r={r}; the adapter files do not belong together",
                     WEIGHTS_NAME,
                 )
-    return {f"{PEFT_PREFIX}{name}.lora_{which}.weight": t for name, pair in pairs.items() for which, t in pair.items()}
+    state = {f"{PEFT_PREFIX}{name}.{suffix}": t for name, held in modules.items() for suffix, t in held.items()}
+    return {**state, **projection}
 
 
 def load_adapter(model: nn.Module, adapter: str | Path | Adapter, dtype: torch.dtype | None = None) -> AdapterConfig:
@@ -356,12 +488,23 @@ def load_adapter(model: nn.Module, adapter: str | Path | Adapter, dtype: torch.d
         adapter = read_adapter(adapter)
     config = adapter.config
     if dtype is None:
-        dtype = next(iter(adapter.state.values())).dtype
+        dtype = next(t for k, t in adapter.state.items() if k.startswith(PEFT_PREFIX)).dtype
     try:
         add_lora(
-            model, config.target_modules, config.r, config.lora_alpha, config.lora_dropout, config.use_rslora, dtype
+            model,
+            config.target_modules,
+            config.r,
+            config.lora_alpha,
+            config.lora_dropout,
+            config.use_rslora,
+            dtype,
+            config.variant,
+            config.projection_prng_key,
         )
     except QloraKitError as e:
         raise QloraKitError(f"adapter {adapter.directory} does not fit this base model: {e}") from None
-    load_lora_state_dict(model, adapter.state, source=str(adapter.directory))
+    state = adapter.state
+    if config.variant == "vera" and VERA_A_KEY not in state:  # saved without it: drawn again from its key
+        state = {**state, **{k: v for k, v in lora_state_dict(model).items() if k in (VERA_A_KEY, VERA_B_KEY)}}
+    load_lora_state_dict(model, state, source=str(adapter.directory))
     return config

@@ -21,6 +21,8 @@ from qlora_kit.errors import QloraKitError
 from qlora_kit.facts import (
     DTYPE_CHOICES,
     DTYPE_NAMES,
+    LORA_INITS,
+    LORA_VARIANTS,
     OPTIMIZER_CHOICES,
     PCIE_GBPS,
     PROMPT_TEMPLATES,
@@ -90,6 +92,8 @@ def plan_main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq", type=int, default=512, help="sequence length in tokens (default 512)")
     p.add_argument("--batch", type=int, default=1, help="micro batch size (default 1)")
     p.add_argument("--rank", type=int, default=64, help="LoRA rank r (default 64)")
+    p.add_argument("--variant", choices=LORA_VARIANTS, default="lora", help="lora.variant (default lora)")
+    p.add_argument("--init", choices=LORA_INITS, default="default", help="lora.init (default default)")
     p.add_argument("--targets", default="all-linear", help="attention | all-linear | q_proj,v_proj,...")
     p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (> 0 keeps a mask per adapter)")
     p.add_argument("--optimizer", default="auto", choices=OPTIMIZER_CHOICES, help="auto: paged 32-bit")
@@ -155,6 +159,7 @@ def plan_main(argv: list[str] | None = None) -> int:
     knobs |= dict(compute_dtype=args.compute_dtype, adapter_dtype=args.adapter_dtype, lora_dropout=args.dropout)
     knobs |= dict(grad_accumulation=args.accum, master_weights=args.master_weights == "on")
     knobs |= offload_knobs(p, args)
+    knobs |= dict(variant=args.variant, init=args.init)
     shape = model_shape(args.model)
     if args.max:
         return _print_max(shape, gpu, args.max, args.json, knobs)

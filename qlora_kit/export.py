@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from qlora_kit.adapter import CONFIG_NAME, Adapter, find_adapter_dir, read_adapter, write_metadata
+from qlora_kit.adapter import CONFIG_NAME, INIT_KEY, Adapter, find_adapter_dir, read_adapter, write_metadata
 from qlora_kit.atomic import atomic_dir
 from qlora_kit.errors import QloraKitError
 from qlora_kit.facts import DTYPE_NAMES, NF4_BLOCKSIZE, nf4_bytes, parse_size
@@ -48,7 +48,7 @@ from qlora_kit.hf_dir import (
     write_config,
 )
 from qlora_kit.loading import DTYPES, build_skeleton, load_config, resolve_device
-from qlora_kit.lora import lora_scaling, merge_lora_weight
+from qlora_kit.lora import VERA_A_KEY, VERA_B_KEY, lora_scaling
 from qlora_kit.models import resolve_model_dir
 from qlora_kit.quant import NF4Linear
 from qlora_kit.weights import (
@@ -84,8 +84,9 @@ class _Unit:
     name: str
     entry: TensorEntry
     is_linear: bool  # a decoder linear: the loader quantizes it, so the export dequantizes it
-    lora: tuple[torch.Tensor, torch.Tensor] | None  # (A, B) when an adapter targets it
+    lora: Callable[[torch.Tensor], torch.Tensor] | None  # W -> W with the adapter merged, when one targets it
     out_bytes: int
+    residual: Callable[[torch.Tensor], torch.Tensor] | None = None  # PiSSA/LoftQ: W -> the base training quantized
 
 
 @dataclass
@@ -133,7 +134,7 @@ def _base_model_dir(adapter: Adapter, base_model: str | Path | None) -> Path:
 
 def _check_adapter_fits(layout: CheckpointLayout, adapter: Adapter, base_dir: Path) -> None:
     """Every adapter pair must land on a decoder linear of this base with matching shapes."""
-    for module, (a, b) in adapter.pairs().items():
+    for module, tensors in adapter.modules().items():
         key = f"{module}.weight"
         if key not in layout.linears:
             raise QloraKitError(
@@ -142,9 +143,18 @@ def _check_adapter_fits(layout: CheckpointLayout, adapter: Adapter, base_dir: Pa
                 "(pass the right one with --base-model)"
             )
         out_features, in_features = layout.shapes[key]
-        if a.shape[1] != in_features or b.shape[0] != out_features:
+        if adapter.config.variant == "vera":
+            vera_a, vera_b = adapter.state[VERA_A_KEY], adapter.state[VERA_B_KEY]
+            shapes = f"lambda_b {tuple(tensors['vera_lambda_b'].shape)} and the projection {tuple(vera_a.shape)}"
+            fits = tensors["vera_lambda_b"].numel() == out_features and vera_a.shape[1] >= in_features
+            fits = fits and vera_b.shape[0] >= out_features
+        else:
+            a, b = tensors["lora_A.weight"], tensors["lora_B.weight"]
+            shapes = f"A {tuple(a.shape)} and B {tuple(b.shape)}"
+            fits = a.shape[1] == in_features and b.shape[0] == out_features
+        if not fits:
             raise QloraKitError(
-                f"adapter {adapter.directory}: {module} has A {tuple(a.shape)} and B {tuple(b.shape)}, which do not "
+                f"adapter {adapter.directory}: {module} has {shapes}, which do not "
                 f"fit the base weight {layout.shapes[key]} in {base_dir}; the adapter was trained on a different "
                 "base model"
             )
@@ -166,7 +176,9 @@ def _plan(adapter: Adapter, base_dir: Path, out_dtype: torch.dtype, max_bytes: i
         logger.info(
             f"note: {len(unused)} tensors of {base_dir} are not used by the model and are left out (e.g. {unused[0]})"
         )
-    pairs = adapter.pairs()
+    over_residual = options["merge_into"] == "dequantized" and INIT_KEY in adapter.metadata
+    merges = {module: adapter.merger(module, over_residual) for module in adapter.modules()}
+    residual = adapter.residual() if over_residual else None
     units = []
     for name, entry in sorted(entries.items(), key=lambda kv: (kv[1].file, kv[1].start)):
         if name not in layout.shapes:
@@ -177,7 +189,8 @@ def _plan(adapter: Adapter, base_dir: Path, out_dtype: torch.dtype, max_bytes: i
         else:
             itemsize = out_dtype.itemsize if entry.dtype.is_floating_point else entry.dtype.itemsize
             out_bytes = math.prod(entry.shape) * itemsize
-        units.append(_Unit(name, entry, is_linear, pairs.get(name.removesuffix(".weight")), out_bytes))
+        merge = merges.get(name.removesuffix(".weight"))
+        units.append(_Unit(name, entry, is_linear, merge, out_bytes, residual if merge is not None else None))
     shards = _shards(units, max_bytes)
     return _Plan(adapter, base_dir, config, units, shards, sum(u.out_bytes for u in units), out_dtype, **options)
 
@@ -210,13 +223,14 @@ def _render(
     tensor = read_tensor(unit.entry)
     if not unit.is_linear:
         return {unit.name: tensor.to(out_dtype) if tensor.is_floating_point() else tensor}
-    # Exactly what load_model does with this tensor: move it, quantize it in its on-disk dtype.
+    # Exactly what load_model does with this tensor: move it, (PiSSA/LoftQ: take its residual,) quantize it.
     tensor = tensor.to(device)
+    if unit.residual is not None:
+        tensor = unit.residual(tensor)
     weight = NF4Linear.from_weight(tensor).dequantize(torch.float32) if merge_into == "dequantized" else tensor
     del tensor
     if unit.lora is not None:
-        lora_a, lora_b = (t.to(device) for t in unit.lora)
-        weight = merge_lora_weight(weight, lora_a, lora_b, scaling)
+        weight = unit.lora(weight)
     weight = weight.to(out_dtype)
     if quantize is None:
         return {unit.name: weight.cpu()}

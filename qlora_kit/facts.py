@@ -45,6 +45,8 @@ def resolve_adapter_dtype(adapter_dtype: str, compute_dtype: str) -> str:
 
 OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit", "adamw")
 OPTIMIZER_CHOICES = ("auto", *OPTIMIZERS)
+LORA_VARIANTS = ("lora", "dora", "vera")  # lora.variant (the layers: qlora_kit.lora_variants)
+LORA_INITS = ("default", "pissa", "loftq")  # lora.init (qlora_kit.lora_init)
 LR_SCHEDULERS = ("constant", "cosine", "linear")
 PARALLEL_CHOICES = ("auto", "ddp", "fsdp")  # train.parallel: how torchrun's processes share the work
 

@@ -30,13 +30,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qlora_kit.adapter import METADATA_NAME, find_adapter_dir, load_adapter, read_adapter, read_metadata
+from qlora_kit.adapter import INIT_KEY, METADATA_NAME, find_adapter_dir, load_adapter, read_adapter, read_metadata
 from qlora_kit.data import encode_prompt_ids
 from qlora_kit.data.templates import has_chat_template
 from qlora_kit.errors import QloraKitError
 from qlora_kit.facts import PROMPT_TEMPLATES
 from qlora_kit.loading import load_model, load_tokenizer, resolve_device, resolve_dtype
-from qlora_kit.lora import lora_layers, merge_lora_weight
+from qlora_kit.lora import lora_layers
+from qlora_kit.lora_init import ResidualHook
 from qlora_kit.models import resolve_model_dir
 from qlora_kit.prequantized import bnb_quantization, is_nf4_double_quant
 from qlora_kit.quant import NF4Linear
@@ -122,7 +123,8 @@ def generate_text(
 
 @torch.no_grad()
 def fold_lora(model: nn.Module, dtype: torch.dtype | None = None) -> int:
-    """Replace every ``LoRALinear`` by a dense ``nn.Linear`` holding ``W + scaling * B @ A`` (``W`` dequantized).
+    """Replace every ``LoRALinear`` by a dense ``nn.Linear`` holding ``W + scaling * B @ A`` (``W`` dequantized;
+    DoRA's and VeRA's layers merge by their own formulas, ``merged_weight``).
 
     The merge is computed in fp32 (as export does) and stored in ``dtype`` (default: the embeddings').
     Returns the number of layers folded.
@@ -133,7 +135,7 @@ def fold_lora(model: nn.Module, dtype: torch.dtype | None = None) -> int:
         base = layer.base
         weight = base.dequantize(torch.float32) if isinstance(base, NF4Linear) else base.weight
         if not layer.disabled:
-            weight = merge_lora_weight(weight, layer.lora_a.weight, layer.lora_b.weight, layer.scaling)
+            weight = layer.merged_weight(weight)
         dense = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None, device="meta")
         dense.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
         if base.bias is not None:
@@ -157,7 +159,14 @@ def recorded_template(*directories: Path) -> str | None:
     return template
 
 
-def _load_model(model_dir: Path, device: torch.device, dtype: torch.dtype, quantize: bool | None, has_adapter: bool):
+def _load_model(
+    model_dir: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    quantize: bool | None,
+    has_adapter: bool,
+    weight_hook: ResidualHook | None = None,
+):
     """The model of ``model_dir``: dense for a merged export, NF4 for a base model, unless ``quantize`` says."""
     config_file = model_dir / "config.json"
     raw_config = json.loads(config_file.read_text()) if config_file.is_file() else {}
@@ -177,7 +186,7 @@ def _load_model(model_dir: Path, device: torch.device, dtype: torch.dtype, quant
         quantize = quantization is not None or not is_export
     elif quantize and is_export and quantization is None:
         logger.warning(REQUANTIZE_NOTE.format(model=model_dir))
-    return load_model(model_dir, device=device, dtype=dtype, quantize=quantize)
+    return load_model(model_dir, device=device, dtype=dtype, quantize=quantize, weight_hook=weight_hook)
 
 
 def load_for_generation(
@@ -193,10 +202,13 @@ def load_for_generation(
     # The adapter is read and checked before minutes of loading the model.
     lora = read_adapter(find_adapter_dir(Path(adapter))) if adapter is not None else None
     template = recorded_template(model_dir, *([lora.directory] if lora is not None else []))
-    loaded = _load_model(model_dir, torch_device, torch_dtype, quantize, lora is not None)
+    residual = ResidualHook(lora) if lora is not None and INIT_KEY in lora.metadata else None  # PiSSA/LoftQ
+    loaded = _load_model(model_dir, torch_device, torch_dtype, quantize, lora is not None, residual)
     tokenizer_dir = model_dir
     if lora is not None:
         load_adapter(loaded, lora, dtype=torch_dtype)
+        if residual is not None:
+            residual.keep_trained(loaded)
         if (lora.directory / "tokenizer_config.json").is_file():
             tokenizer_dir = lora.directory  # training may have saved its own tokenizer next to the adapter
         if merge_adapter:

@@ -140,12 +140,15 @@ def load_model(
     quantize: bool = True,
     on_layer: LayerLoaded | None = None,
     place: Callable[[str, nn.Module], None] | None = None,
+    weight_hook: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> nn.Module:
     """A causal LM with NF4 decoder linears (or dense ones with ``quantize=False``), ready for ``add_lora``.
 
     ``name_or_path``: a checkpoint dir, a hub id, or a short id (see ``qlora_kit.models``).
     ``place``: called with each decoder linear's name and module once it is quantized (weight streaming
     moves the streamed layers' codes to host memory there: ``offload.host_placement``).
+    ``weight_hook(module_name, weight) -> weight``: called on each decoder linear's 16-bit weight (on the
+    device) before it is quantized; what it returns is quantized (``lora_init.SVDInit``: PiSSA/LoftQ).
     The returned model has ``model.name_or_path`` set to the resolved directory and is in eval mode.
     ``on_layer(model, name, layer)``: called as soon as each decoder layer is read whole, layers in order
     (the tensors are then read layer by layer, the others first); FSDP shards each layer there, so a process
@@ -172,7 +175,11 @@ def load_model(
         if name in packed:
             load_packed_weight(module, name, entries, device)
         elif quantized:
-            module.load_weight(read_tensor(entry).to(device))  # the dense source goes at once: only codes stay
+            weight = read_tensor(entry).to(device)
+            if weight_hook is not None:
+                weight = weight_hook(module_name, weight)
+            module.load_weight(weight)  # the dense source goes at once: only codes stay
+            del weight
         else:
             setattr(module, attr, nn.Parameter(read_tensor(entry).to(device).to(dtype), requires_grad=False))
         if place is not None and quantized:

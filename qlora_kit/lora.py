@@ -21,7 +21,7 @@ from torch import nn
 
 from qlora_kit.architecture import decoder_linear_names
 from qlora_kit.errors import QloraKitError
-from qlora_kit.facts import select_targets
+from qlora_kit.facts import LORA_VARIANTS, select_targets
 from qlora_kit.quant import NF4Linear
 
 
@@ -31,6 +31,8 @@ def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
 
 
 class LoRALinear(nn.Module):
+    variant = "lora"  # lora.variant: DoRALinear and VeRALinear (lora_variants) say theirs
+
     def __init__(
         self,
         base: nn.Module,
@@ -78,6 +80,37 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}"
+
+    # What the PEFT-layout state dict and the merge read (the variants in lora_variants override them).
+    def peft_tensors(self) -> dict[str, torch.Tensor]:
+        """This layer's adapter tensors under PEFT's key suffixes (``lora_A.weight``, ...).
+
+        After a PiSSA/LoftQ init (``init_a``/``init_b`` set, see ``lora_init``) they are written as PEFT's own
+        conversion writes them: the rank-2r LoRA ``[A; A0]``, ``[B, -B0]`` whose ``B'A' = BA - B0A0`` applies to the
+        ORIGINAL base weight (alpha doubles with r, so the scaling stays; see ``adapter.AdapterConfig``).
+        """
+        a, b = self.lora_a.weight, self.lora_b.weight
+        if getattr(self, "init_a", None) is not None:
+            a = torch.cat([a.detach(), self.init_a.to(a.dtype)], dim=0)
+            b = torch.cat([b.detach(), -self.init_b.to(b.dtype)], dim=1)
+        return {"lora_A.weight": a, "lora_B.weight": b}
+
+    @torch.no_grad()
+    def load_peft_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy what ``peft_tensors`` names into this layer (the trained first r of a converted PiSSA/LoftQ pair)."""
+        converted = getattr(self, "init_a", None) is not None
+        for suffix, ours in self.peft_tensors().items():
+            tensor = tensors[suffix]
+            if converted and suffix == "lora_A.weight":
+                self.lora_a.weight.copy_(tensor[: self.r])
+            elif converted and suffix == "lora_B.weight":
+                self.lora_b.weight.copy_(tensor[:, : self.r])
+            else:
+                ours.copy_(tensor)
+
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` (the base's dense weight) with this adapter merged in, in fp32."""
+        return merge_lora_weight(weight, self.lora_a.weight, self.lora_b.weight, self.scaling)
 
 
 def _frozen_base_weight(base: nn.Module) -> Callable[[torch.dtype], torch.Tensor] | None:
@@ -189,24 +222,35 @@ def add_lora(
     dropout: float = 0.05,
     use_rslora: bool = False,
     dtype: torch.dtype = torch.float32,
+    variant: str = "lora",
+    projection_prng_key: int = 0,
 ) -> LoRAReport:
-    """Freeze ``model`` and wrap each target linear in a ``LoRALinear`` (in place)."""
+    """Freeze ``model`` and wrap each target linear in a ``LoRALinear`` (in place): plain LoRA, or the
+    ``variant`` "dora" / "vera" (``lora_variants``; VeRA's shared matrices are drawn from ``projection_prng_key``)."""
     if r <= 0:
         raise QloraKitError(f"LoRA rank r must be > 0, got {r}")
     names = resolve_targets(model, targets)
     model.requires_grad_(False)
-    wrap_linears(model, names, r, alpha, dropout, use_rslora, dtype)
+    make = _layer_maker(model, names, r, variant, projection_prng_key)
+    wrap_linears(model, names, r, alpha, dropout, use_rslora, dtype, make)
     return lora_report(model, names)
 
 
 def wrap_linears(
-    model: nn.Module, names: Iterable[str], r: int, alpha: float, dropout: float, use_rslora: bool, dtype: torch.dtype
+    model: nn.Module,
+    names: Iterable[str],
+    r: int,
+    alpha: float,
+    dropout: float,
+    use_rslora: bool,
+    dtype: torch.dtype,
+    make: Callable[..., LoRALinear] = LoRALinear,
 ) -> None:
-    """Wrap each linear ``names`` lists in a ``LoRALinear``, in order (each draws its A from torch's RNG)."""
+    """Wrap each linear ``names`` lists in a ``make`` layer, in order (each draws its A from torch's RNG)."""
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, LoRALinear(getattr(parent, child), r, alpha, dropout, use_rslora, dtype))
+        setattr(parent, child, make(getattr(parent, child), r, alpha, dropout, use_rslora, dtype))
 
 
 def lora_report(model: nn.Module, adapted: list[str]) -> LoRAReport:
@@ -226,6 +270,24 @@ def lora_report(model: nn.Module, adapted: list[str]) -> LoRAReport:
     return report
 
 
+def _layer_maker(model: nn.Module, names: list[str], r: int, variant: str, key: int) -> Callable[..., LoRALinear]:
+    """The constructor of ``variant``'s layers (the variants live in ``lora_variants``, which imports this module)."""
+    from qlora_kit import lora_variants
+
+    if variant == "lora":
+        return LoRALinear
+    if variant == "dora":
+        return lora_variants.DoRALinear
+    if variant == "vera":  # one shared pair for all the layers, on the device of their base weights
+        shapes = [(m.out_features, m.in_features) for m in map(model.get_submodule, names)]
+        held = next(model.get_submodule(names[0]).buffers(), next(model.get_submodule(names[0]).parameters(), None))
+        projection = tuple(t.to(held.device) for t in lora_variants.vera_projection(r, shapes, key))
+        return lambda base, r, alpha, dropout, use_rslora, dtype: lora_variants.VeRALinear(
+            base, r, projection, dropout, dtype, alpha, key
+        )
+    raise QloraKitError(f"unknown LoRA variant {variant!r}; use one of {', '.join(LORA_VARIANTS)}")
+
+
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: module for name, module in model.named_modules() if isinstance(module, LoRALinear)}
 
@@ -240,25 +302,34 @@ def set_lora_enabled(model: nn.Module, enabled: bool) -> None:
 # `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`.
 
 PEFT_PREFIX = "base_model.model."
+VERA_A_KEY, VERA_B_KEY = "base_model.vera_A", "base_model.vera_B"  # VeRA's shared projection, saved once
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter weights under PEFT's key names."""
+    """The adapter weights under PEFT's key names (each layer's ``peft_tensors``; VeRA's shared projection
+    under ``base_model.vera_A`` / ``base_model.vera_B``, as PEFT saves it with ``save_projection=True``)."""
     state: dict[str, torch.Tensor] = {}
     for name, layer in lora_layers(model).items():
-        state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_a.weight.detach()
-        state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_b.weight.detach()
+        for suffix, tensor in layer.peft_tensors().items():
+            state[f"{PEFT_PREFIX}{name}.{suffix}"] = tensor.detach()
+        projection = getattr(layer, "projection", None)
+        if projection is not None:
+            state[VERA_A_KEY], state[VERA_B_KEY] = (t.detach() for t in projection)
     return state
 
 
+def _peft_key_on_disk(key: str) -> str:
+    """PEFT's in-memory key (with the adapter name ``default``) as it is on disk."""
+    return key.replace(".default.weight", ".weight").removesuffix(".default")
+
+
 def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "adapter") -> None:
-    """Copy PEFT-keyed adapter weights into the model's ``LoRALinear`` layers; shapes and names must match."""
+    """Copy PEFT-keyed adapter weights into the model's adapter layers; shapes and names must match."""
     layers = lora_layers(model)
-    expected = set(lora_state_dict(model))
-    # PEFT may write ".lora_A.default.weight" in memory; on disk the adapter name is dropped.
-    state = {k.replace(".default.weight", ".weight"): v for k, v in state.items()}
-    missing = sorted(expected - set(state))
-    unexpected = sorted(set(state) - expected)
+    expected = lora_state_dict(model)
+    state = {_peft_key_on_disk(k): v for k, v in state.items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         details = []
         if missing:
@@ -267,18 +338,22 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor], sourc
             details.append(f"{len(unexpected)} not in the model (e.g. {unexpected[0]})")
         raise QloraKitError(
             f"{source} does not match this model's LoRA layers: {'; '.join(details)}. "
-            "Check that the adapter was trained on this base model with the same target modules."
+            "Check that the adapter was trained on this base model with the same target modules and variant."
         )
+    for key, ours in expected.items():
+        if state[key].shape != ours.shape:
+            raise QloraKitError(
+                f"{source}: {key.removeprefix(PEFT_PREFIX)} has shape {tuple(state[key].shape)} but the model needs "
+                f"{tuple(ours.shape)}; the adapter was trained on a different base model or rank"
+            )
     with torch.no_grad():
         for name, layer in layers.items():
-            for ours, theirs in ((layer.lora_a, "lora_A"), (layer.lora_b, "lora_B")):
-                tensor = state[f"{PEFT_PREFIX}{name}.{theirs}.weight"]
-                if tensor.shape != ours.weight.shape:
-                    raise QloraKitError(
-                        f"{source}: {name}.{theirs} has shape {tuple(tensor.shape)} but the model needs "
-                        f"{tuple(ours.weight.shape)}; the adapter was trained on a different base model or rank"
-                    )
-                ours.weight.copy_(tensor)
+            prefix = f"{PEFT_PREFIX}{name}."
+            layer.load_peft_tensors({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+            projection = getattr(layer, "projection", None)
+            if projection is not None:  # the layers' buffers view these: one copy for all
+                projection[0].copy_(state[VERA_A_KEY])
+                projection[1].copy_(state[VERA_B_KEY])
 
 
 def merge_lora_weight(

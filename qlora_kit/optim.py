@@ -36,15 +36,44 @@ def make_optimizer(
     With ``train.fp32_master_weights`` (the default) and any 16-bit parameter, the optimizer steps fp32
     master copies (``MasterWeights``); over fp32 parameters it is the plain optimizer, nothing added.
     """
-    params = list(params)
+    params = list(params)  # parameters, or parameter groups (dicts, e.g. loraplus_groups)
+    flat = [p for item in params for p in (item["params"] if isinstance(item, dict) else [item])]
     kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
     build = functools.partial(_optimizer_class(name, device), **kwargs)
-    if cfg.fp32_master_weights and any(p.dtype in HALF_DTYPES for p in params):
+    if cfg.fp32_master_weights and any(p.dtype in HALF_DTYPES for p in flat):
         logger.info(
             f"{build.func.__name__} steps fp32 master copies of the 16-bit adapters (train.fp32_master_weights)"
         )
         return MasterWeights(params, build)
     return build(params)
+
+
+LORAPLUS_EMBEDDING_LR = 1e-6  # LoRA+ (and PEFT's create_loraplus_optimizer): a trained embedding's lr
+
+
+def loraplus_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """LoRA+'s parameter groups over ``model``'s trainable parameters, as PEFT's ``create_loraplus_optimizer``
+    sorts them: B matrices and 1-D adapter parameters (DoRA's magnitude, VeRA's vectors) at
+    ``learning_rate * loraplus_lr_ratio``, a trained embedding at ``LORAPLUS_EMBEDDING_LR``, the rest (A) at
+    ``learning_rate``. Each group carries ``name`` (a, b, embedding), kept in checkpoints; empty groups are left out.
+    The schedule scales every group's lr by the same factor, so the ratio holds all run long."""
+    ratio, lr = cfg.loraplus_lr_ratio or 1.0, cfg.learning_rate
+    groups: dict[str, dict[str, Any]] = {
+        "a": {"name": "a", "params": [], "lr": lr},
+        "b": {"name": "b", "params": [], "lr": lr * ratio},
+        "embedding": {"name": "embedding", "params": [], "lr": LORAPLUS_EMBEDDING_LR},
+    }
+    embeddings = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if id(param) in embeddings:
+            groups["embedding"]["params"].append(param)
+        elif ".lora_b." in f".{name}" or param.ndim == 1:
+            groups["b"]["params"].append(param)
+        else:
+            groups["a"]["params"].append(param)
+    return [group for group in groups.values() if group["params"]]
 
 
 def _optimizer_class(name: str, device: torch.device) -> Callable[..., torch.optim.Optimizer]:

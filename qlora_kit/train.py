@@ -40,10 +40,11 @@ from qlora_kit.errors import QloraKitError
 from qlora_kit.facts import MB, auto_optimizer, resolve_adapter_dtype
 from qlora_kit.loading import DTYPES, dtype_name, load_model, load_tokenizer, resolve_device, resolve_dtype
 from qlora_kit.lora import LoRAReport, add_lora
+from qlora_kit.lora_init import finish_svd_init, make_svd_init
 from qlora_kit.loss import label_count
 from qlora_kit.memory import check_budget
 from qlora_kit.offload import enable_offload, host_placement, offload_description, resident_layer_count
-from qlora_kit.optim import make_optimizer, make_scheduler, repage_states, total_steps
+from qlora_kit.optim import loraplus_groups, make_optimizer, make_scheduler, repage_states, total_steps
 from qlora_kit.run import Run, RunInputs, StepStats, TrainResult, TrainState
 from qlora_kit.runlog import QuietLog, RunLog, memory_gb
 from qlora_kit.samples import reproduce_commands, sample_prompts, write_samples
@@ -86,6 +87,12 @@ def prepare(cfg: RunConfig) -> RunInputs:
             f"model.offload_weights / train.offload_activations are for one process, and this run has {world.size} "
             "(torchrun): past one GPU use train.parallel=fsdp (add train.fsdp_cpu_offload=true when the shards "
             "do not fit), or run one process"
+        )
+    if world.sharded and (cfg.lora.variant != "lora" or cfg.lora.init != "default"):
+        raise QloraKitError(
+            f"lora.variant={cfg.lora.variant} / lora.init={cfg.lora.init} are not supported under train.parallel=fsdp "
+            "yet (FSDP shards each layer as it loads, with plain LoRA adapters): use lora.variant=lora and "
+            "lora.init=default, or train.parallel=ddp"
         )
     device, dtype, adapter_dtype = resolve_run_dtypes(cfg)
     device = world.device(device)
@@ -134,7 +141,10 @@ def load_lora_model(
         resident_layers = cfg.model.resident_layers if isinstance(cfg.model.resident_layers, int) else 0
     place = host_placement(resident_layers, device) if offload_weights else None
     shard = (world or World()).layer_loader(lc, adapter_dtype, cfg.train.fsdp_cpu_offload)
-    model = load_model(cfg.model.name_or_path, device=device, dtype=dtype, on_layer=shard, place=place)
+    svd_init = make_svd_init(lc, cfg.model.name_or_path, dtype)  # None for lora.init=default
+    model = load_model(
+        cfg.model.name_or_path, device=device, dtype=dtype, on_layer=shard, place=place, weight_hook=svd_init
+    )
     # Before add_lora: the adapters are made on the device of their base's buffers, which for a streamed layer
     # are then the device placeholders, not the host copies.
     activations = cfg.train.offload_activations
@@ -143,10 +153,22 @@ def load_lora_model(
     )
     if model.qlora_offload is not None:
         logger.info(offload_description(model.qlora_offload))
-    if shard is None:
-        report = add_lora(model, lc.targets, lc.r, lc.alpha, lc.dropout, lc.use_rslora, adapter_dtype)
+    if shard is not None:
+        report = shard.report(model)  # plain LoRA only: prepare refuses the variants and SVD inits under fsdp
     else:
-        report = shard.report(model)
+        report = add_lora(
+            model,
+            lc.targets,
+            lc.r,
+            lc.alpha,
+            lc.dropout,
+            lc.use_rslora,
+            adapter_dtype,
+            lc.variant,
+            lc.vera_projection_seed,
+        )
+    if svd_init is not None:
+        finish_svd_init(model, svd_init, cfg.model.name_or_path)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, report
@@ -174,7 +196,8 @@ def setup(inputs: RunInputs) -> Run:
     optimizer_name = auto_optimizer(inputs.device.type) if cfg.train.optimizer == "auto" else cfg.train.optimizer
     if world.sharded and cfg.train.optimizer == "auto":
         optimizer_name = "adamw"  # torch AdamW steps FSDP2 DTensor shards; bitsandbytes kernels take plain tensors
-    optimizer = make_optimizer(optimizer_name, params, cfg.train, inputs.device)
+    groups = loraplus_groups(model, cfg.train) if cfg.train.loraplus_lr_ratio else params
+    optimizer = make_optimizer(optimizer_name, groups, cfg.train, inputs.device)
     scheduler = make_scheduler(optimizer, cfg.train, inputs.total_steps)
     run = Run(
         **vars(inputs),

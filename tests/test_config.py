@@ -295,10 +295,16 @@ def test_recipe_file_problems(tmp_path):
         ("lora.targets=q_proj,v_proj", "lora.targets = 'q_proj,v_proj': a string must be a preset"),
         ("lora.targets=[]", "lora.targets = []"),
         ("output.dir=", "output.dir = '': must not be empty"),
+        ("lora.variant=lokr", "lora.variant = 'lokr': allowed values: lora, dora, vera"),
+        ("lora.init=olora", "lora.init = 'olora': allowed values: default, pissa, loftq"),
+        ("lora.init_iters=0", "lora.init_iters = 0: must be >= 1"),
+        ("lora.variant=dora lora.init=pissa", "lora.init = 'pissa': pissa initializes plain LoRA's A and B"),
+        ("lora.variant=vera lora.use_rslora=true", "lora.use_rslora = True: does not apply to lora.variant=vera"),
+        ("train.loraplus_lr_ratio=0.5", "train.loraplus_lr_ratio = 0.5: must be >= 1 or null"),
     ],
 )
 def test_range_errors_name_key_value_and_rule(override, expected):
-    message = error_of(overrides=[override])
+    message = error_of(overrides=override.split(" "))
     assert message.startswith("invalid config")
     assert expected in message
 

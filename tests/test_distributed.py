@@ -305,3 +305,20 @@ def test_two_gpus_nccl_equal_one_gpu(tiny_model_dir, tmp_path, parallel):
     result = _run(_torchrun_train(tiny_model_dir, out, **cuda, **{"train.parallel": parallel}))
     assert result.returncode == 0, result.stderr[-3000:]
     _assert_same_run(out, one, rtol=1e-4, adapter_atol=1e-4)
+
+
+@pytest.mark.parametrize("knob", ["lora.variant=dora", "lora.variant=vera", "lora.init=pissa"])
+def test_variants_under_fsdp_are_refused_before_anything_loads(tiny_model_dir, tmp_path, monkeypatch, knob):
+    """FSDP wraps plain LoRA layers as each decoder layer loads: a variant or SVD init is named, with the way
+    out (ddp, or plain LoRA), in torchrun's environment before any process group or output dir exists."""
+    from qlora_kit.config import load_config
+    from qlora_kit.errors import QloraKitError
+    from qlora_kit.train import prepare
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    overrides = [*_overrides(tiny_model_dir, tmp_path / "run", **{"train.parallel": "fsdp"}), knob]
+    with pytest.raises(QloraKitError, match="not supported under train.parallel=fsdp") as error:
+        prepare(load_config(RECIPE, overrides))
+    assert "train.parallel=ddp" in str(error.value)
+    assert not (tmp_path / "run").exists()

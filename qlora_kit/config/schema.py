@@ -54,6 +54,21 @@ class LoRAConfig:
     """Rank-stabilized LoRA: scale by alpha/sqrt(r) instead of alpha/r."""
     adapter_dtype: str = "auto"
     """auto|bf16|fp16|fp32 for the adapter weights. auto = bf16 on a bf16-capable GPU, fp32 on CPU."""
+    variant: str = "lora"
+    """lora | dora (a trainable magnitude per output row, LoRA on the direction: closer to full fine-tuning) |
+    vera (frozen random A/B shared by all layers, only two small vectors trained per layer: ~10x fewer
+    trainable parameters; wants a larger r, 256 is typical; alpha and use_rslora do not apply)."""
+    vera_projection_seed: int = 0
+    """vera: the seed its shared random matrices are drawn from (PEFT's projection_prng_key); saved with them."""
+    init: str = "default"
+    """default (A random, B zero) | pissa (A, B = the top-r singular directions of each 16-bit weight; the
+    residual is quantized) | loftq (alternate quantize / SVD of the quantization error, lora.init_iters
+    times). Each layer starts closer to its 16-bit weight than with plain NF4 (not always the whole model:
+    bench/results/variants.md); computed while loading (variant lora only). With pissa the adapter holds the
+    weight's principal part, so lora.dropout drops part of it in training: PiSSA's paper uses dropout 0.
+    The saved adapter is the rank-2r LoRA over the ORIGINAL base that PEFT's own conversion writes."""
+    init_iters: int = 1
+    """loftq: quantize/SVD alternations (LoftQ's T; 1 = quantize W, then fit the error)."""
 
 
 @dataclass
@@ -137,6 +152,10 @@ class TrainConfig:
     resume: str = "auto"
     """auto (continue from the latest checkpoint in output.dir, if any) | none (start over) | PATH to a
     checkpoint dir. With auto, running the same command again after a stop continues where it stopped."""
+    loraplus_lr_ratio: float | None = None
+    """LoRA+: B's learning rate = this times A's (learning_rate); 16 is the paper's value. Following PEFT's
+    create_loraplus_optimizer, 1-D adapter parameters (DoRA's magnitude, VeRA's vectors) take B's rate and a
+    trained embedding 1e-6. null = one learning rate for all."""
     fp32_master_weights: bool = True
     """Keep an fp32 copy of 16-bit (bf16/fp16) adapter weights in the optimizer and step that copy, so
     updates below half the 16-bit weights' last place still count (small lrs, the end of a decaying

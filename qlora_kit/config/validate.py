@@ -15,6 +15,8 @@ from qlora_kit.errors import QloraKitError
 from qlora_kit.facts import (
     DATA_FORMATS,
     DTYPE_CHOICES,
+    LORA_INITS,
+    LORA_VARIANTS,
     LR_SCHEDULERS,
     OPTIMIZER_CHOICES,
     PARALLEL_CHOICES,
@@ -90,6 +92,19 @@ def _lora(p: _Problems, cfg: RunConfig) -> None:
             "a list must hold at least one non-empty module name, e.g. [q_proj, v_proj]",
         )
     p.choice("lora.adapter_dtype", DTYPE_CHOICES)
+    p.choice("lora.variant", LORA_VARIANTS)
+    p.choice("lora.init", LORA_INITS)
+    p.check(lo.init_iters >= 1, "lora.init_iters", "must be >= 1")
+    p.check(
+        not (lo.variant == "vera" and lo.use_rslora),
+        "lora.use_rslora",
+        "does not apply to lora.variant=vera (VeRA has no alpha/r scaling); set it to false",
+    )
+    p.check(
+        lo.init == "default" or lo.variant == "lora",
+        "lora.init",
+        f"{lo.init} initializes plain LoRA's A and B; use lora.variant=lora with it, or lora.init=default",
+    )
 
 
 def _data(p: _Problems, cfg: RunConfig) -> None:
@@ -123,6 +138,8 @@ def _train(p: _Problems, cfg: RunConfig) -> None:
     p.check(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
     p.check(0 <= t.adam_beta1 < 1, "train.adam_beta1", "must be in [0, 1)")
     p.check(0 <= t.adam_beta2 < 1, "train.adam_beta2", "must be in [0, 1)")
+    ratio = t.loraplus_lr_ratio
+    p.check(ratio is None or (ratio >= 1 and math.isfinite(ratio)), "train.loraplus_lr_ratio", "must be >= 1 or null")
     p.check(t.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 disables clipping)")
     p.choice("train.optimizer", OPTIMIZER_CHOICES)
     p.check(t.eval_steps >= 0, "train.eval_steps", "must be >= 0")

@@ -39,6 +39,7 @@ def recipe_knobs(cfg, device, dtype, adapter_dtype) -> dict:
     knobs |= dict(checkpointing=cfg.model.gradient_checkpointing, lora_dropout=cfg.lora.dropout)
     knobs |= dict(compute_dtype=dtype_name(dtype), adapter_dtype=dtype_name(adapter_dtype))
     knobs |= dict(grad_accumulation=cfg.train.gradient_accumulation_steps, master_weights=cfg.train.fp32_master_weights)
+    knobs |= dict(variant=cfg.lora.variant, init=cfg.lora.init)
     resident = cfg.model.resident_layers
     knobs |= dict(offload_weights=cfg.model.offload_weights, offload_activations=cfg.train.offload_activations)
     return knobs | dict(resident_layers=resident if isinstance(resident, int) else None)

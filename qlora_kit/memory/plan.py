@@ -42,6 +42,13 @@ from qlora_kit.memory.activations import (
 )
 from qlora_kit.memory.cuda import CUBLAS_WORKSPACE_OLDER, PAGED_MIN_NUMEL, cublas_workspace_size, paged_bytes
 from qlora_kit.memory.shapes import ModelShape, target_linears
+from qlora_kit.memory.variants import (
+    VARIANT_PARAMS,
+    adapter_param_count,
+    adapter_tensor_numels,
+    check_variant,
+    variant_rows,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -160,16 +167,17 @@ def lora_param_count(shape: ModelShape, rank: int, targets: str | list[str] | tu
     return shape.layers * sum(rank * (o + i) for name, (o, i) in shape.linears().items() if name in names)
 
 
-def _optimizer_bytes(shape: ModelShape, rank: int, targets: tuple[str, ...], optimizer: str, a: int) -> int:
+def _optimizer_bytes(
+    shape: ModelShape, rank: int, targets: tuple[str, ...], optimizer: str, a: int, variant: str = "lora"
+) -> int:
     total = 0
-    for o, i in (shape.linears()[name] for name in targets):
-        for numel in (rank * i, o * rank):  # A, B
-            if optimizer == "adamw":  # torch AdamW: exp_avg and exp_avg_sq in the parameter's dtype
-                total += 2 * a * numel
-            elif optimizer.endswith("8bit") and numel >= 4096:  # bnb keeps tensors < 4096 values in 32 bit
-                total += 2 * numel + 2 * 4 * math.ceil(numel / 256)  # 2 uint8 states + fp32 absmax per 256
-            else:
-                total += 8 * numel  # 2 fp32 states
+    for numel in adapter_tensor_numels(shape, rank, targets, variant):  # A, B (DoRA: + m; VeRA: lambda_d, lambda_b)
+        if optimizer == "adamw":  # torch AdamW: exp_avg and exp_avg_sq in the parameter's dtype
+            total += 2 * a * numel
+        elif optimizer.endswith("8bit") and numel >= 4096:  # bnb keeps tensors < 4096 values in 32 bit
+            total += 2 * numel + 2 * 4 * math.ceil(numel / 256)  # 2 uint8 states + fp32 absmax per 256
+        else:
+            total += 8 * numel  # 2 fp32 states
     return total * shape.layers
 
 
@@ -198,6 +206,9 @@ def _resolved(settings: dict) -> dict:
     target_linears(settings["targets"])  # refuses what the planner cannot shape
     if not isinstance(settings["targets"], str):
         settings["targets"] = list(settings["targets"])
+    problem = check_variant(settings.get("variant", "lora"), settings.get("init", "default"))
+    if problem:
+        raise QloraKitError(problem)
     if settings["padded"] not in (None, True, False):
         raise QloraKitError(f"padded must be true, false or null (by batch size), not {settings['padded']!r}")
     _check_offload(settings)
@@ -245,12 +256,15 @@ def _adapter_rows(shape: ModelShape, s: dict, n_lora: int, optimizer_bytes: int,
     """LoRA parameters, their gradients as live at the peak, the optimizer's states (and master copies)."""
     a, dtype, optimizer = DTYPE_BYTES[s["adapter_dtype"]], s["adapter_dtype"], s["optimizer"]
     masters = _has_master_copy(s)
-    params = f"{n_lora / 1e6:.1f}M params: A r x in, B out x r on {len(target_linears(s['targets']))} linears x "
+    params = (
+        f"{n_lora / 1e6:.1f}M params: {VARIANT_PARAMS[s['variant']]} on {len(target_linears(s['targets']))} linears x "
+    )
     params += f"{shape.layers} layers, {dtype}"
     grads = f"{a * n_lora / MB:,.1f} MB in all (one .grad per LoRA parameter, {dtype}); live at the peak"
     states = "2 uint8 states + fp32 absmax per 256: ~2 B/param" if "8bit" in optimizer else "2 fp32 states: 8 B/param"
     states = f"torch AdamW: 2 states in {'fp32' if masters else dtype}" if optimizer == "adamw" else states
-    paged = paged_bytes(shape, s["rank"], target_linears(s["targets"]), optimizer) if s["device"] == "cuda" else 0
+    paged = paged_bytes(shape, s["rank"], target_linears(s["targets"]), optimizer, s["variant"])
+    paged = paged if s["device"] == "cuda" else 0
     if paged:
         states += (
             f"; paged: {paged / MB:,.1f} MB of them (tensors of >= {PAGED_MIN_NUMEL:,} values) in CUDA managed "
@@ -399,6 +413,8 @@ def plan_memory(
     resident_layers: int | None = None,
     pcie_gbps: float = PCIE_GBPS,
     tflops: float = TFLOPS,
+    variant: str = "lora",
+    init: str = "default",
 ) -> MemoryPlan:
     """Peak memory of one training step of our stack, by category (formulas: docs/memory.md).
 
@@ -412,12 +428,13 @@ def plan_memory(
     ``offload_weights``: stream the decoder layers from host RAM, keeping ``resident_layers`` on the device
     (None: as many as fit in ``gpu_bytes``; all stream without it); ``offload_activations``: the checkpointed
     layer inputs in host RAM; ``pcie_gbps`` and ``tflops``: the rates of the step-time estimate (memory.offload).
+    ``variant``, ``init``: ``lora.variant`` and ``lora.init`` (their rows: ``memory.variants``).
     """
     s = dict(seq_len=seq_len, batch_size=batch_size, rank=rank, targets=targets, optimizer=optimizer)
     s |= dict(checkpointing=checkpointing, compute_dtype=compute_dtype, adapter_dtype=adapter_dtype)
     s |= dict(master_weights=master_weights)
     s |= dict(lora_dropout=lora_dropout, device=device, grad_accumulation=grad_accumulation)
-    s |= dict(padded=padded, cublas_workspace_bytes=cublas_workspace_bytes)
+    s |= dict(padded=padded, cublas_workspace_bytes=cublas_workspace_bytes, variant=variant, init=init)
     s |= dict(offload_weights=offload_weights, offload_activations=offload_activations, resident_layers=resident_layers)
     s |= dict(pcie_gbps=pcie_gbps, tflops=tflops)
     s = _resolved(s | dict(label_tokens=label_tokens))
@@ -428,14 +445,15 @@ def plan_memory(
             lambda n: plan_memory(shape, **{**s, "resident_layers": n}, suggest=False).total, shape.layers, gpu_bytes
         )
     names, a = target_linears(s["targets"]), DTYPE_BYTES[s["adapter_dtype"]]
-    n_lora = lora_param_count(shape, rank, names)
-    opt = _optimizer_bytes(shape, rank, names, s["optimizer"], 4 if _has_master_copy(s) else a)
+    n_lora = adapter_param_count(shape, rank, names, variant)
+    opt = _optimizer_bytes(shape, rank, names, s["optimizer"], 4 if _has_master_copy(s) else a, variant)
     moments = plan_moments(shape, s, n_lora)
     peak = max(moments, key=lambda m: moments[m].total)
     on_device = offloading.weight_layers_on_device(shape, s) if offload_weights else None
     rows = _weight_rows(shape, s["compute_dtype"], on_device) + _adapter_rows(shape, s, n_lora, opt, moments[peak])
+    rows += [Row(*row) for row in variant_rows(shape, {**s, "targets_resolved": names}, n_lora)]
     rows += _activation_rows(shape, s, moments, peak)
-    paged = paged_bytes(shape, rank, names, s["optimizer"]) if s["device"] == "cuda" else 0
+    paged = paged_bytes(shape, rank, names, s["optimizer"], variant) if s["device"] == "cuda" else 0
     paged_host = _offloaded_states(rows, paged) if offload_weights else 0
     rows += _workspace_rows(s) + _runtime_rows(rows, s["device"])
 
