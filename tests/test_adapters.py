@@ -1,0 +1,154 @@
+"""Many adapters on one base (``qlora_kit.adapters``): load, switch, disable; stacking a frozen adapter under a
+new one and exporting the sum."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from qlora_kit import adapters
+from qlora_kit.adapter import load_adapter as load_single
+from qlora_kit.adapter import save_adapter
+from qlora_kit.errors import QloraKitError
+from qlora_kit.loading import load_model
+from qlora_kit.lora import LoRALinear, add_lora, lora_layers
+from qlora_kit.quant import NF4Linear
+from tests.conftest import save_tiny_checkpoint
+
+IDS = torch.tensor([[1, 17, 42, 99, 5, 230, 7]])
+
+
+@pytest.fixture
+def base(tmp_path: Path) -> Path:
+    return save_tiny_checkpoint(tmp_path / "base")
+
+
+def _save_random_adapter(base: Path, out: Path, seed: int, targets="all-linear", r: int = 4) -> Path:
+    model = load_model(base, device="cpu")
+    add_lora(model, targets, r=r, alpha=2.0 * r, dropout=0.1)
+    torch.manual_seed(seed)
+    for layer in lora_layers(model).values():
+        nn.init.normal_(layer.lora_b.weight, std=0.3)
+    return save_adapter(model, out, str(base))
+
+
+def _logits(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+@pytest.fixture
+def two(base: Path, tmp_path: Path) -> tuple[Path, Path]:
+    a = _save_random_adapter(base, tmp_path / "a", seed=1)
+    b = _save_random_adapter(base, tmp_path / "b", seed=2, targets=["q_proj", "v_proj"], r=8)
+    return a, b
+
+
+def _alone(base: Path, adapter: Path | None) -> torch.Tensor:
+    model = load_model(base, device="cpu")
+    if adapter is not None:
+        load_single(model, adapter)
+    return _logits(model.eval())  # LoRALinear is made in training mode (dropout on): eval as generate does
+
+
+def test_two_adapters_switch_and_disable_give_each_ones_own_logits_and_the_bases(base, two):
+    a, b = two
+    expected = {"a": _alone(base, a), "b": _alone(base, b), None: _alone(base, None)}
+    assert not torch.allclose(expected["a"], expected["b"]) and not torch.allclose(expected["a"], expected[None])
+
+    model = load_model(base, device="cpu")
+    nf4 = {name: module for name, module in model.named_modules() if isinstance(module, NF4Linear)}
+    codes = {name: module.codes.data_ptr() for name, module in nf4.items()}
+    adapters.load_adapter(model, a, name="a")
+    adapters.load_adapter(model, b, name="b")
+    assert adapters.adapter_names(model) == ["a", "b"] and adapters.active_adapter(model) == "a"
+    for name in ["a", "b", None, "b", "a", None, "a"]:
+        if name is None:
+            adapters.disable_adapters(model)
+            assert not lora_layers(model)
+        else:
+            adapters.set_adapter(model, name)
+        assert adapters.active_adapter(model) == name
+        assert torch.equal(_logits(model), expected[name]), name
+    # the base was never reloaded nor copied: the very same NF4 modules and code storage throughout
+    for layer_name, module in nf4.items():
+        current = model.get_submodule(layer_name)
+        assert (current.base if isinstance(current, LoRALinear) else current) is module
+        assert module.codes.data_ptr() == codes[layer_name]
+    wrappers = adapters.registry(model).wrappers
+    assert (
+        wrappers["b"]["model.layers.0.self_attn.q_proj"].base is wrappers["a"]["model.layers.0.self_attn.q_proj"].base
+    )
+
+
+def test_each_extra_adapter_costs_exactly_its_own_tensors(base, two):
+    a, b = two
+    model = load_model(base, device="cpu")
+
+    def all_bytes() -> int:  # every distinct tensor storage reachable from the model and its registry
+        seen, total = set(), 0
+        modules = [model, *(w for ws in adapters.registry(model).wrappers.values() for w in ws.values())]
+        for module in modules:
+            for tensor in (*module.parameters(), *module.buffers()):
+                if tensor.untyped_storage().data_ptr() not in seen:
+                    seen.add(tensor.untyped_storage().data_ptr())
+                    total += tensor.untyped_storage().nbytes()
+        return total
+
+    bare = all_bytes()
+    adapters.load_adapter(model, a, name="a")
+    with_a = all_bytes()
+    adapters.load_adapter(model, b, name="b")
+    with_both = all_bytes()
+    own = {name: sum(t.numel() * t.element_size() for t in load_file_tensors(path)) for name, path in two_named(two)}
+    assert with_a - bare == own["a"] == adapters.adapter_bytes(model, "a")
+    assert with_both - with_a == own["b"] == adapters.adapter_bytes(model, "b")
+    # r=8 on q/v of 2 layers: A 8x128 + B 8x128 (q), A 8x128 + B 8x64 (v: 2 kv heads x 32), fp32
+    assert own["b"] == 2 * 4 * (8 * 128 + 128 * 8 + 8 * 128 + 64 * 8)
+
+
+def two_named(two: tuple[Path, Path]) -> list[tuple[str, Path]]:
+    return list(zip(("a", "b"), two, strict=True))
+
+
+def load_file_tensors(adapter: Path) -> list[torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return list(load_file(adapter / "adapter_model.safetensors").values())
+
+
+def test_loaded_inactive_adapter_leaves_the_active_one_and_modes_follow_the_model(base, two):
+    a, b = two
+    model = load_model(base, device="cpu")
+    adapters.load_adapter(model, a, name="a")
+    adapters.disable_adapters(model)
+    adapters.load_adapter(model, b, name="b")  # not the first: loaded, not switched in
+    assert adapters.active_adapter(model) is None and not lora_layers(model)
+    model.train()
+    adapters.set_adapter(model, "b")
+    assert all(layer.training for layer in lora_layers(model).values())
+    model.eval()
+    adapters.set_adapter(model, "a")
+    assert not any(layer.training for layer in lora_layers(model).values())
+
+
+def test_bad_names_and_stray_layers_are_refused_and_nothing_is_lost(base, two):
+    a, b = two
+    model = load_model(base, device="cpu")
+    adapters.load_adapter(model, a, name="a")
+    before = _logits(model)
+    with pytest.raises(QloraKitError, match="already loaded"):
+        adapters.load_adapter(model, b, name="a")
+    with pytest.raises(QloraKitError, match="no adapter named 'c' is loaded \\(loaded: a\\)"):
+        adapters.set_adapter(model, "c")
+    with pytest.raises(QloraKitError, match="means 'no adapter'"):
+        adapters.load_adapter(model, b, name="off")
+    assert adapters.active_adapter(model) == "a" and torch.equal(_logits(model), before)
+
+    stray = load_model(base, device="cpu")
+    add_lora(stray, "attention", r=2)
+    with pytest.raises(QloraKitError, match=r"LoRA layers outside qlora_kit\.adapters"):
+        adapters.load_adapter(stray, a, name="a")
