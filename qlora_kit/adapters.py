@@ -224,3 +224,28 @@ def stack_adapters(model: nn.Module, directories: Sequence[str | Path]) -> list[
                 _place(model, path, layer)
             layer.add_delta(lora_a, lora_b, scaling)
     return read
+
+
+BASE_ADAPTERS_KEY = "base_adapters"  # in qlora_kit.json: the frozen adapters a stacked adapter was trained on
+
+
+def stacked_base_adapters(adapter: adapter_files.Adapter) -> list[Path]:
+    """The adapter dirs ``adapter`` was trained on top of (``lora.base_adapters``, recorded in its
+    qlora_kit.json), theirs first when they were stacked too: the order ``stack_adapters`` folds them in."""
+    recorded = adapter.metadata.get(BASE_ADAPTERS_KEY) or []
+    if not isinstance(recorded, list) or not all(isinstance(d, str) for d in recorded):
+        raise adapter_files.AdapterFileError(
+            f"{adapter.directory / adapter_files.METADATA_NAME}: {BASE_ADAPTERS_KEY} should be a list of adapter "
+            f"dirs, not {recorded!r}",
+            adapter_files.METADATA_NAME,
+        )
+    order: list[Path] = []
+    for directory in map(Path, recorded):
+        if not directory.is_dir():
+            raise QloraKitError(
+                f"adapter {adapter.directory} was trained on top of {directory} ({BASE_ADAPTERS_KEY} in its "
+                f"{adapter_files.METADATA_NAME}), which does not exist any more; put that adapter back there"
+            )
+        below = adapter_files.read_adapter(adapter_files.find_adapter_dir(directory))
+        order += [d for d in [*stacked_base_adapters(below), below.directory.resolve()] if d not in order]
+    return order

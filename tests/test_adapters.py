@@ -3,6 +3,7 @@ new one and exporting the sum."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pytest
@@ -152,3 +153,54 @@ def test_bad_names_and_stray_layers_are_refused_and_nothing_is_lost(base, two):
     add_lora(stray, "attention", r=2)
     with pytest.raises(QloraKitError, match=r"LoRA layers outside qlora_kit\.adapters"):
         adapters.load_adapter(stray, a, name="a")
+
+
+@pytest.fixture
+def tiny_dir(tmp_path: Path, smollm2_dir: Path) -> Path:
+    """A tiny Llama with SmolLM2's tokenizer (generate needs one)."""
+    from tests.test_generate import with_tokenizer
+
+    path = save_tiny_checkpoint(tmp_path / "tiny", vocab_size=49152, hidden_size=64, intermediate_size=96)
+    return with_tokenizer(path, smollm2_dir)
+
+
+def test_generate_cli_loads_several_adapters_uses_one_and_switches_interactively(
+    tiny_dir, tmp_path, capsys, monkeypatch
+):
+    from qlora_kit.cli import generate_main
+    from qlora_kit.generate import generate_text
+    from qlora_kit.loading import load_tokenizer
+
+    a = _save_random_adapter(tiny_dir, tmp_path / "a", seed=1)
+    b = _save_random_adapter(tiny_dir, tmp_path / "b", seed=2, targets="attention")
+    tokenizer = load_tokenizer(tiny_dir)
+
+    def alone(adapter: Path | None) -> str:
+        model = load_model(tiny_dir, device="cpu")
+        if adapter is not None:
+            load_single(model, adapter)
+        return generate_text(model, tokenizer, "Hello there", "none", max_new_tokens=5)
+
+    answers = {"a": alone(a), "b": alone(b), "off": alone(None)}
+    assert len(set(answers.values())) == 3, "the test needs three different answers"
+    common = ["--model", str(tiny_dir), "--adapter", f"a={a}", "--adapter", f"b={b}", "--template", "none"]
+    common += ["--max-new-tokens", "5", "--device", "cpu"]
+    capsys.readouterr()
+    assert generate_main([*common, "--use", "b", "--prompt", "Hello there"]) == 0
+    assert capsys.readouterr().out == answers["b"] + "\n"
+
+    script = "Hello there\n/adapter\n/adapter b\nHello there\n/adapter off\nHello there\n/adapter zz\n/adapter a\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(script + "Hello there\nexit\n"))
+    assert generate_main([*common, "--interactive"]) == 0
+    out = capsys.readouterr().out
+    assert "adapters: a, b; active: a" in out and "no adapter named 'zz'; loaded: a, b (or off)" in out
+    said = [line.removeprefix(">>> ") for line in out.splitlines() if line.startswith(">>> ") and line[4:].strip()]
+    said = [line for line in said if not line.startswith(("adapter", "no adapter"))]
+    assert said == [answers["a"], answers["b"], answers["off"], answers["a"]]
+
+    with pytest.raises(QloraKitError, match=r"--use 'c' is not one of the adapters given \(a, b\)"):
+        generate_main([*common, "--use", "c", "--prompt", "x"])
+    with pytest.raises(QloraKitError, match="the name 'a' is given twice"):
+        generate_main([*common, "--adapter", f"a={b}", "--prompt", "x"])
+    with pytest.raises(QloraKitError, match="--merge-adapter folds one adapter"):
+        generate_main([*common, "--merge-adapter", "--prompt", "x"])
