@@ -194,14 +194,27 @@ class StackedNF4Linear(NF4Linear):
         return f"{super().extra_repr()}, + {len(self.scalings)} frozen adapter(s)"
 
 
-def stack_adapters(model: nn.Module, directories: Sequence[str | Path]) -> list[adapter_files.Adapter]:
-    """Fold the frozen LoRA adapters in ``directories`` into the NF4 layers they target (in place, in order).
+def read_stack(directories: Sequence[str | Path]) -> list[adapter_files.Adapter]:
+    """The adapters in ``directories`` (adapter or run dirs) read and checked, each preceded by the adapters it
+    was itself stacked on (``stacked_base_adapters``), each once: the order ``stack_adapters`` folds them in."""
+    read: dict[Path, adapter_files.Adapter] = {}
+    for directory in directories:
+        adapter = adapter_files.read_adapter(adapter_files.find_adapter_dir(Path(directory)))
+        for below in stacked_base_adapters(adapter):
+            if below not in read:
+                read[below] = adapter_files.read_adapter(below)
+        read.setdefault(adapter.directory.resolve(), adapter)
+    return list(read.values())
 
-    Call before ``add_lora``: the new adapter then wraps the stacked layers. Each adapter must fit this base
-    (its modules are NF4 decoder linears of the right shapes); returns what was read, for the record.
-    """
-    read = [adapter_files.read_adapter(adapter_files.find_adapter_dir(Path(d))) for d in directories]
-    for adapter in read:
+
+def stack_adapters(model: nn.Module, stack: Sequence[str | Path | adapter_files.Adapter]) -> list[Path]:
+    """Fold frozen LoRA adapters (dirs, or what ``read_stack`` read) into the NF4 layers they target, in place,
+    in order. Call before ``add_lora``: the new adapter then wraps the stacked layers. Each adapter must fit
+    this base (its modules are NF4 decoder linears of its shapes). Returns their dirs, resolved (the record
+    a stacked adapter keeps in its qlora_kit.json)."""
+    if not all(isinstance(a, adapter_files.Adapter) for a in stack):
+        stack = read_stack([a.directory if isinstance(a, adapter_files.Adapter) else a for a in stack])
+    for adapter in stack:
         config = adapter.config
         scaling = lora_scaling(config.lora_alpha, config.r, config.use_rslora)
         for path, (lora_a, lora_b) in adapter.pairs().items():
@@ -209,21 +222,17 @@ def stack_adapters(model: nn.Module, directories: Sequence[str | Path]) -> list[
                 layer = model.get_submodule(path)
             except AttributeError:
                 layer = None
-            if (
-                not isinstance(layer, NF4Linear)
-                or lora_a.shape[1] != layer.in_features
-                or (lora_b.shape[0] != layer.out_features)
-            ):
+            shape = (lora_b.shape[0], lora_a.shape[1])
+            if not isinstance(layer, NF4Linear) or (layer.out_features, layer.in_features) != shape:
                 raise QloraKitError(
                     f"base adapter {adapter.directory} does not fit this model: {path} is not a 4-bit decoder "
-                    f"linear of shape ({lora_b.shape[0]}, {lora_a.shape[1]}) here; lora.base_adapters must be "
-                    "adapters trained on this base model"
+                    f"linear of shape {shape} here; lora.base_adapters must be adapters trained on this base model"
                 )
             if not isinstance(layer, StackedNF4Linear):
                 layer = StackedNF4Linear(layer)
                 _place(model, path, layer)
             layer.add_delta(lora_a, lora_b, scaling)
-    return read
+    return [adapter.directory.resolve() for adapter in stack]
 
 
 BASE_ADAPTERS_KEY = "base_adapters"  # in qlora_kit.json: the frozen adapters a stacked adapter was trained on
@@ -249,3 +258,11 @@ def stacked_base_adapters(adapter: adapter_files.Adapter) -> list[Path]:
         below = adapter_files.read_adapter(adapter_files.find_adapter_dir(directory))
         order += [d for d in [*stacked_base_adapters(below), below.directory.resolve()] if d not in order]
     return order
+
+
+def stack_record(directories: Sequence[str | Path]) -> dict[str, list[str]]:
+    """What a stacked adapter's qlora_kit.json records: the frozen adapters under it, resolved, in order ({} for
+    none): every reader (generate, export) can then rebuild the base it was trained on."""
+    if not directories:
+        return {}
+    return {BASE_ADAPTERS_KEY: [str(adapter.directory.resolve()) for adapter in read_stack(directories)]}

@@ -79,16 +79,17 @@ def save_checkpoint(
     base_model_name_or_path: str | None,
     keep_last: int,
     lora: LoRASettings | None = None,
+    metadata: dict[str, Any] | None = None,
 ) -> Path:
     """Write checkpoint ``step`` atomically and keep only the newest ``keep_last`` checkpoints.
 
     ``lora``: the run's LoRA config, which the checkpoint's adapter_config.json is written from (see
-    ``adapter.adapter_config_of``).
+    ``adapter.adapter_config_of``); ``metadata``: the adapter's qlora_kit.json, if any (``write_metadata``).
     """
     target = checkpoint_dir(run_dir) / f"step-{step:06d}"
     try:
         with atomic_dir(target) as tmp:
-            write_adapter_files(model, tmp, base_model_name_or_path, lora=lora)
+            write_adapter_files(model, tmp, base_model_name_or_path, metadata, lora=lora)
             torch.save({**training_state, "step": step, "rng": rng_state()}, tmp / STATE_NAME)
             (tmp / MARKER_NAME).write_text(json.dumps({"step": step}) + "\n")
     except OSError as e:

@@ -27,13 +27,14 @@ import logging
 import math
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from qlora_kit.adapter import CONFIG_NAME, Adapter, find_adapter_dir, read_adapter, write_metadata
+from qlora_kit.adapters import read_stack, stacked_base_adapters
 from qlora_kit.atomic import atomic_dir
 from qlora_kit.errors import QloraKitError
 from qlora_kit.facts import DTYPE_NAMES, NF4_BLOCKSIZE, nf4_bytes, parse_size
@@ -86,6 +87,7 @@ class _Unit:
     is_linear: bool  # a decoder linear: the loader quantizes it, so the export dequantizes it
     lora: tuple[torch.Tensor, torch.Tensor] | None  # (A, B) when an adapter targets it
     out_bytes: int
+    stacked: list[tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=list)  # frozen (A, B, scaling)
 
 
 @dataclass
@@ -105,8 +107,12 @@ class _Plan:
 
     @property
     def scaling(self) -> float:
-        config = self.adapter.config
-        return lora_scaling(config.lora_alpha, config.r, config.use_rslora)
+        return _scaling(self.adapter)
+
+
+def _scaling(adapter: Adapter) -> float:
+    config = adapter.config
+    return lora_scaling(config.lora_alpha, config.r, config.use_rslora)
 
 
 def _human(nbytes: int) -> str:
@@ -162,11 +168,15 @@ def _plan(adapter: Adapter, base_dir: Path, out_dtype: torch.dtype, max_bytes: i
     layout = checkpoint_layout(skeleton)
     unused = check_checkpoint(layout, entries, base_dir)
     _check_adapter_fits(layout, adapter, base_dir)
+    stack = read_stack(stacked_base_adapters(adapter))  # lora.base_adapters: merged under the adapter
+    for below in stack:
+        _check_adapter_fits(layout, below, base_dir)
     if unused:
         logger.info(
             f"note: {len(unused)} tensors of {base_dir} are not used by the model and are left out (e.g. {unused[0]})"
         )
     pairs = adapter.pairs()
+    stack_pairs = [(below.pairs(), _scaling(below)) for below in stack]
     units = []
     for name, entry in sorted(entries.items(), key=lambda kv: (kv[1].file, kv[1].start)):
         if name not in layout.shapes:
@@ -177,7 +187,9 @@ def _plan(adapter: Adapter, base_dir: Path, out_dtype: torch.dtype, max_bytes: i
         else:
             itemsize = out_dtype.itemsize if entry.dtype.is_floating_point else entry.dtype.itemsize
             out_bytes = math.prod(entry.shape) * itemsize
-        units.append(_Unit(name, entry, is_linear, pairs.get(name.removesuffix(".weight")), out_bytes))
+        module = name.removesuffix(".weight")
+        stacked = [(*below[module], scaling) for below, scaling in stack_pairs if module in below]
+        units.append(_Unit(name, entry, is_linear, pairs.get(module), out_bytes, stacked))
     shards = _shards(units, max_bytes)
     return _Plan(adapter, base_dir, config, units, shards, sum(u.out_bytes for u in units), out_dtype, **options)
 
@@ -214,6 +226,8 @@ def _render(
     tensor = tensor.to(device)
     weight = NF4Linear.from_weight(tensor).dequantize(torch.float32) if merge_into == "dequantized" else tensor
     del tensor
+    for lora_a, lora_b, stacked_scaling in unit.stacked:  # frozen adapters under the trained one, in order
+        weight = merge_lora_weight(weight, lora_a.to(device), lora_b.to(device), stacked_scaling)
     if unit.lora is not None:
         lora_a, lora_b = (t.to(device) for t in unit.lora)
         weight = merge_lora_weight(weight, lora_a, lora_b, scaling)
@@ -368,7 +382,7 @@ def export_merged(
         raise
     if not progress.tokenizer_files:
         logger.info(f"note: {base_dir} has no tokenizer files; the export has none either")
-    merged = sum(u.lora is not None for u in plan.units)
+    merged = sum(u.lora is not None or bool(u.stacked) for u in plan.units)
     logger.info(
         f"exported {out}: {merged} LoRA-merged linears into the {merge_into} base, {dtype}"
         f"{' re-quantized to nf4' if quantize else ''}, {len(plan.shards)} shard(s), {_human(progress.total_size)}"

@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qlora_kit.adapter import save_adapter
+from qlora_kit.adapters import read_stack, stack_adapters, stack_record
 from qlora_kit.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
 from qlora_kit.config import RunConfig, load_config, to_yaml
 from qlora_kit.data import BatchPlan, PreparedData, eval_batches, prepare_data, prompt_template
@@ -105,8 +106,10 @@ def load_lora_model(
     cfg: RunConfig, device: torch.device, dtype: torch.dtype, adapter_dtype: torch.dtype
 ) -> tuple[nn.Module, LoRAReport]:
     """The recipe's 4-bit model with its LoRA adapters (and gradient checkpointing if asked): what fit trains."""
-    model = load_model(cfg.model.name_or_path, device=device, dtype=dtype)
     lc = cfg.lora
+    stack = read_stack(lc.base_adapters)  # checked before minutes of loading
+    model = load_model(cfg.model.name_or_path, device=device, dtype=dtype)
+    stack_adapters(model, stack)  # lora.base_adapters: frozen, folded into the 4-bit layers under the new adapter
     report = add_lora(model, lc.targets, lc.r, lc.alpha, lc.dropout, lc.use_rslora, adapter_dtype)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -275,7 +278,8 @@ def checkpoint(run: Run) -> Path:
         "eval_loss_start": run.eval_loss_start,
     }
     base, limit = run.cfg.model.name_or_path, run.cfg.train.save_total_limit
-    return save_checkpoint(run.out, run.step, run.model, state, base, limit, lora=run.cfg.lora)
+    stacked = stack_record(run.cfg.lora.base_adapters) or None  # a checkpoint's adapter names its stack too
+    return save_checkpoint(run.out, run.step, run.model, state, base, limit, lora=run.cfg.lora, metadata=stacked)
 
 
 def _start(run: Run) -> None:
@@ -360,9 +364,8 @@ def finish(run: Run, result: TrainResult) -> None:
         run.log.write({"step": run.step, "eval_loss": result.eval_loss_end})
     checkpoint(run)
     template = prompt_template(run.cfg.data.format, run.cfg.data.template)
-    adapter_dir = save_adapter(
-        run.model, run.out / "adapter", run.cfg.model.name_or_path, {"template": template}, lora=run.cfg.lora
-    )
+    metadata = {"template": template, **stack_record(run.cfg.lora.base_adapters)}
+    adapter_dir = save_adapter(run.model, run.out / "adapter", run.cfg.model.name_or_path, metadata, lora=run.cfg.lora)
     prompts = sample_prompts(run.cfg, run.data)
     if prompts:
         write_samples(run.out / "samples_after.json", "after training", run.model, run.tokenizer, prompts, run.cfg)

@@ -4,6 +4,7 @@ new one and exporting the sum."""
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import pytest
@@ -204,3 +205,104 @@ def test_generate_cli_loads_several_adapters_uses_one_and_switches_interactively
         generate_main([*common, "--adapter", f"a={b}", "--prompt", "x"])
     with pytest.raises(QloraKitError, match="--merge-adapter folds one adapter"):
         generate_main([*common, "--merge-adapter", "--prompt", "x"])
+
+
+# --- stacking: a new adapter trained over a frozen one -------------------------------------------------------
+
+
+def test_stacked_adapter_exports_and_generates_the_sum_it_trained_on(tiny_dir, tmp_path):
+    base = tiny_dir  # generate loads its tokenizer
+    from safetensors.torch import load_file
+
+    from qlora_kit.adapter import read_adapter
+    from qlora_kit.export import export_merged
+    from qlora_kit.generate import load_for_generation
+    from qlora_kit.lora import lora_scaling
+
+    first = _save_random_adapter(base, tmp_path / "first", seed=1)
+    model = load_model(base, device="cpu")
+    stacked_dirs = adapters.stack_adapters(model, [first])
+    assert stacked_dirs == [first.resolve()]
+    report = add_lora(model, "attention", r=2, alpha=4.0, dropout=0.0)
+    assert report.trainable_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert report.trainable_params == sum(t.numel() for t in lora_state_dict_of(model).values())  # frozen: buffers
+    torch.manual_seed(3)
+    for layer in lora_layers(model).values():
+        nn.init.normal_(layer.lora_b.weight, std=0.3)
+    second = save_adapter(model, tmp_path / "second", str(base), adapters.stack_record([first]))
+    trained = _logits(model.eval())
+
+    out = export_merged(second, tmp_path / "merged", dtype="fp32", device="cpu")
+    merged = load_file(out / "model.safetensors")
+    one, two = read_adapter(first), read_adapter(second)
+    s1, s2 = (lora_scaling(a.config.lora_alpha, a.config.r) for a in (one, two))
+    fresh = load_model(base, device="cpu")
+    for name, (a1, b1) in one.pairs().items():
+        expected = torch.addmm(fresh.get_submodule(name).dequantize(torch.float32), b1, a1, alpha=s1)
+        if name in two.pairs():
+            a2, b2 = two.pairs()[name]
+            expected = torch.addmm(expected, b2, a2, alpha=s2)
+        assert torch.equal(merged[f"{name}.weight"], expected), name
+    assert set(two.pairs()) < set(one.pairs())  # q/k/v/o carry both deltas, the MLP only the frozen one
+
+    dense = load_model(out, device="cpu", quantize=False)
+    torch.testing.assert_close(_logits(dense), trained, rtol=0, atol=1e-5)
+    generated, _, _ = load_for_generation(str(base), str(second), "cpu", "fp32", None, merge_adapter=False)
+    assert torch.equal(_logits(generated), trained)
+    without_stack = load_model(base, device="cpu")
+    load_single(without_stack, second)
+    assert not torch.allclose(_logits(without_stack.eval()), trained, atol=1e-3)  # the stack matters here
+
+
+def lora_state_dict_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    from qlora_kit.lora import lora_state_dict
+
+    return lora_state_dict(model)
+
+
+def test_a_stack_that_does_not_fit_or_is_gone_is_named(base, tmp_path):
+    other = save_tiny_checkpoint(tmp_path / "other", hidden_size=64, intermediate_size=96)
+    foreign = _save_random_adapter(other, tmp_path / "foreign", seed=1)
+    model = load_model(base, device="cpu")
+    with pytest.raises(QloraKitError, match=r"base adapter .*foreign does not fit this model: model\.layers\.0"):
+        adapters.stack_adapters(model, [foreign])
+    first = _save_random_adapter(base, tmp_path / "first", seed=1)
+    second = _save_random_adapter(base, tmp_path / "second", seed=2)
+    adapter_json = second / "qlora_kit.json"
+    adapter_json.write_text(json.dumps({"kind": "adapter", "base_adapters": [str(tmp_path / "gone")]}))
+    with pytest.raises(QloraKitError, match=r"trained on top of .*gone .*which does not exist any more"):
+        adapters.read_stack([second])
+    adapter_json.write_text(json.dumps({"kind": "adapter", "base_adapters": str(first)}))
+    with pytest.raises(QloraKitError, match="base_adapters should be a list of adapter dirs"):
+        adapters.read_stack([second])
+
+
+def test_training_over_base_adapters_keeps_them_frozen_and_records_them(tiny_dir, tmp_path):
+    from qlora_kit.config import load_config
+    from qlora_kit.generate import load_for_generation
+    from qlora_kit.train import finish, fit, prepare, setup
+    from tests.test_train import TOOLS, _overrides
+
+    first = _save_random_adapter(tiny_dir, tmp_path / "first", seed=1, targets="attention")
+    extra = {"lora.base_adapters": f"[{first}]", "train.max_steps": 2, "train.save_steps": 1, "lora.dropout": 0.0}
+    cfg = load_config(TOOLS.parent / "smollm2_alpaca.yaml", _overrides(tiny_dir, tmp_path / "run", **extra))
+    run = setup(prepare(cfg))
+    stacked = {name: m for name, m in run.model.named_modules() if isinstance(m, adapters.StackedNF4Linear)}
+    assert len(stacked) == 2 * 4  # q/k/v/o of both layers
+    frozen = {name: [t.clone() for t in m.buffers()] for name, m in stacked.items()}
+    assert not any("stacked" in name for name, _ in run.model.named_parameters())
+    finish(run, fit(run))
+    for name, module in stacked.items():  # the frozen adapter (and the 4-bit base) did not move
+        assert all(torch.equal(a, b) for a, b in zip(frozen[name], module.buffers(), strict=True))
+    record = [str(first.resolve())]
+    assert json.loads((tmp_path / "run" / "adapter" / "qlora_kit.json").read_text())["base_adapters"] == record
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-000002"
+    assert json.loads((checkpoint / "qlora_kit.json").read_text())["base_adapters"] == record
+    generated, _, _ = load_for_generation(str(tiny_dir), str(tmp_path / "run"), "cpu", "fp32", None, False)
+    assert torch.equal(_logits(generated), _logits(run.model.eval()))
+
+    # resume from the stacked checkpoint continues the same run (same model, one more step)
+    more = load_config(TOOLS.parent / "smollm2_alpaca.yaml", _overrides(tiny_dir, tmp_path / "run", **extra))
+    more.train.max_steps = 3
+    resumed = setup(prepare(more))
+    assert resumed.step == 2 and torch.equal(_logits(resumed.model.eval()), _logits(run.model))

@@ -46,6 +46,10 @@ class LoRAConfig:
     """Rank-stabilized LoRA: scale by alpha/sqrt(r) instead of alpha/r."""
     adapter_dtype: str = "auto"
     """auto|bf16|fp16|fp32 for the adapter weights. auto = bf16 on a bf16-capable GPU, fp32 on CPU."""
+    base_adapters: list[str] = field(default_factory=list)
+    """Trained LoRA adapter dirs (or run dirs) to keep frozen under the new adapter, in order: each is added
+    to the 4-bit base (dequant(W) + its delta) and the new adapter trains on top. The saved adapter records
+    them (qlora_kit.json), and export and generate apply them all. [] = train on the bare base."""
 
 
 @dataclass

@@ -76,6 +76,11 @@ def _lora(p: _Problems, cfg: RunConfig) -> None:
             "a list must hold at least one non-empty module name, e.g. [q_proj, v_proj]",
         )
     p.choice("lora.adapter_dtype", DTYPE_CHOICES)
+    p.check(
+        isinstance(lo.base_adapters, list) and all(isinstance(d, str) and d.strip() for d in lo.base_adapters),
+        "lora.base_adapters",
+        "must be a list of adapter dirs, e.g. [runs/first/adapter]",
+    )
 
 
 def _data(p: _Problems, cfg: RunConfig) -> None:
