@@ -30,6 +30,13 @@ from torch import nn
 
 from qlora_kit.architecture import decoder_linear_names
 from qlora_kit.atomic import atomic_dir
+from qlora_kit.embeddings import (
+    EmbeddingSettings,
+    apply_embeddings,
+    embedding_settings,
+    embedding_settings_from_json,
+    embedding_state_dict,
+)
 from qlora_kit.errors import QloraKitError
 from qlora_kit.lora import PEFT_PREFIX, add_lora, load_lora_state_dict, lora_layers, lora_state_dict
 
@@ -46,8 +53,10 @@ class AdapterConfig:
     target_modules: list[str]
     use_rslora: bool = False
     base_model_name_or_path: str | None = None
+    embeddings: EmbeddingSettings = field(default_factory=EmbeddingSettings)  # trainable tokens, modules_to_save
 
     def to_peft_json(self) -> dict:
+        embeddings = self.embeddings
         return {
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
@@ -60,7 +69,9 @@ class AdapterConfig:
             "fan_in_fan_out": False,
             "inference_mode": True,
             "init_lora_weights": True,
-            "modules_to_save": None,
+            "modules_to_save": embeddings.modules_to_save or None,
+            "trainable_token_indices": embeddings.trainable_token_indices or None,
+            "ensure_weight_tying": embeddings.ensure_weight_tying,
             "base_model_name_or_path": self.base_model_name_or_path,
         }
 
@@ -152,7 +163,8 @@ def write_adapter_files(
     No atomicity: callers own the directory (``save_adapter``, ``checkpoint.save_checkpoint``).
     """
     config = adapter_config_of(model, base_model_name_or_path, lora)
-    state = {k: v.contiguous() for k, v in lora_state_dict(model).items()}
+    config.embeddings = embedding_settings(model)
+    state = {k: v.contiguous() for k, v in {**lora_state_dict(model), **embedding_state_dict(model)}.items()}
     save_file(state, directory / WEIGHTS_NAME, metadata={"format": "pt"})
     (directory / CONFIG_NAME).write_text(json.dumps(config.to_peft_json(), indent=2) + "\n")
     if metadata is not None:
@@ -165,15 +177,19 @@ def save_adapter(
     base_model_name_or_path: str | None = None,
     metadata: dict[str, Any] | None = None,
     lora: LoRASettings | None = None,
+    tokenizer: Any = None,
 ) -> Path:
     """Atomically (re)write ``directory`` as a PEFT-layout adapter dir (``metadata``: see ``write_metadata``;
-    ``lora``: the run's LoRA config, see ``adapter_config_of``)."""
+    ``lora``: the run's LoRA config, see ``adapter_config_of``; ``tokenizer``: saved beside the adapter, for
+    one with added tokens)."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise QloraKitError(f"{directory} is a file; choose a directory path for the adapter")
     try:
         with atomic_dir(directory) as tmp:
             write_adapter_files(model, tmp, base_model_name_or_path, metadata, lora)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
     except OSError as e:
         earlier = " The adapter that was there is intact." if directory.is_dir() else ""
         raise QloraKitError(
@@ -242,6 +258,7 @@ class Adapter:
     config: AdapterConfig
     state: dict[str, torch.Tensor]
     metadata: dict[str, Any] = field(default_factory=dict)
+    embeddings: dict[str, torch.Tensor] = field(default_factory=dict)  # trainable tokens' / saved modules' tensors
 
     def pairs(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """(A, B) per adapted module name (``model.layers.0.self_attn.q_proj``)."""
@@ -260,8 +277,9 @@ def read_adapter(directory: str | Path) -> Adapter:
     """
     directory = Path(directory)
     config = read_adapter_config(directory)
-    state = _read_weights(directory, config.r)
-    return Adapter(directory, config, state, read_metadata(directory))
+    state = _read_weights(directory, config.r, config.embeddings)
+    embeddings = {key: state.pop(key) for key in [k for k in state if config.embeddings.holds(k)]}
+    return Adapter(directory, config, state, read_metadata(directory), embeddings)
 
 
 def read_adapter_config(directory: str | Path) -> AdapterConfig:
@@ -290,8 +308,12 @@ def _config_from_json(raw: dict, config_file: Path) -> AdapterConfig:
 
     if raw.get("peft_type", "LORA") != "LORA":
         raise refuse(f"peft_type {raw.get('peft_type')!r} is not supported; only LORA is")
-    if raw.get("bias", "none") != "none" or raw.get("modules_to_save"):
-        raise refuse("only bias='none' adapters without modules_to_save are supported")
+    if raw.get("bias", "none") != "none":
+        raise refuse("only bias='none' adapters are supported")
+    try:
+        embeddings = embedding_settings_from_json(raw)
+    except ValueError as e:
+        raise refuse(str(e)) from None
     targets = raw.get("target_modules")
     if isinstance(targets, str):
         raise refuse(f"target_modules is a pattern ({targets!r}); list the module names instead")
@@ -303,12 +325,13 @@ def _config_from_json(raw: dict, config_file: Path) -> AdapterConfig:
             target_modules=list(targets),
             use_rslora=bool(raw.get("use_rslora", False)),
             base_model_name_or_path=raw.get("base_model_name_or_path"),
+            embeddings=embeddings,
         )
     except (KeyError, TypeError, ValueError) as e:
         raise AdapterFileError(f"{config_file} lacks a valid {e} entry", CONFIG_NAME) from None
 
 
-def _read_weights(directory: Path, r: int) -> dict[str, torch.Tensor]:
+def _read_weights(directory: Path, r: int, embeddings: EmbeddingSettings) -> dict[str, torch.Tensor]:
     """The weights under PEFT's on-disk names (peft's in-memory ``.default`` dropped), checked pair by pair."""
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
@@ -323,6 +346,8 @@ def _read_weights(directory: Path, r: int) -> dict[str, torch.Tensor]:
         raise AdapterFileError(f"{weights} is damaged or not a safetensors file ({e})", WEIGHTS_NAME) from None
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
+        if embeddings.holds(key):  # trainable tokens / modules_to_save: embeddings.py's, checked on loading
+            continue
         match = re.fullmatch(rf"{re.escape(PEFT_PREFIX)}(.+)\.lora_([AB])(?:\.default)?\.weight", key)
         if match is None:
             raise AdapterFileError(
@@ -343,7 +368,8 @@ def _read_weights(directory: Path, r: int) -> dict[str, torch.Tensor]:
                     "the adapter files do not belong together",
                     WEIGHTS_NAME,
                 )
-    return {f"{PEFT_PREFIX}{name}.lora_{which}.weight": t for name, pair in pairs.items() for which, t in pair.items()}
+    lora = {f"{PEFT_PREFIX}{name}.lora_{which}.weight": t for name, pair in pairs.items() for which, t in pair.items()}
+    return {**lora, **{key: t for key, t in state.items() if embeddings.holds(key)}}
 
 
 def load_adapter(model: nn.Module, adapter: str | Path | Adapter, dtype: torch.dtype | None = None) -> AdapterConfig:
@@ -361,4 +387,5 @@ def load_adapter(model: nn.Module, adapter: str | Path | Adapter, dtype: torch.d
     except QloraKitError as e:
         raise QloraKitError(f"adapter {adapter.directory} does not fit this base model: {e}") from None
     load_lora_state_dict(model, adapter.state, source=str(adapter.directory))
+    apply_embeddings(model, config.embeddings, adapter.embeddings, source=str(adapter.directory))
     return config

@@ -1,0 +1,177 @@
+"""New tokens and trainable embeddings (``qlora_kit.embeddings``): PEFT's layout both ways, tied models,
+only the chosen rows train, resume, export, the planner."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from qlora_kit.adapter import CONFIG_NAME, WEIGHTS_NAME, load_adapter, read_adapter, save_adapter
+from qlora_kit.embeddings import (
+    SavedEmbedding,
+    SavedHead,
+    TrainableTokens,
+    add_trainable_embeddings,
+    embedding_state_dict,
+    resize_vocab,
+)
+from qlora_kit.errors import QloraKitError
+from qlora_kit.loading import load_model
+from qlora_kit.lora import add_lora, lora_layers
+from qlora_kit.quant import NF4Linear
+from tests.conftest import save_tiny_checkpoint
+
+VOCAB = 320
+IDS = torch.tensor([[1, 17, 320, 42, 5, 321, 230, 7]])  # 320, 321: the two new tokens
+
+
+def _base(tmp_path: Path, tied: bool) -> Path:
+    return save_tiny_checkpoint(tmp_path / f"base-{tied}", tie_word_embeddings=tied)
+
+
+def _trained(base: Path, tokens=(), modules_to_save=(), vocab: int = VOCAB + 2, seed: int = 1) -> nn.Module:
+    """Our 4-bit model with LoRA on attention and the given trainable embeddings, all moved off their init."""
+    model = load_model(base, device="cpu")
+    add_lora(model, "attention", r=4, alpha=8, dropout=0.0)
+    resize_vocab(model, vocab)
+    add_trainable_embeddings(model, tokens, modules_to_save)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            nn.init.normal_(layer.lora_b.weight, std=0.3)
+        for name, param in model.named_parameters():  # the embeddings' own (a tied one is listed once)
+            if param.requires_grad and "lora_" not in name:
+                param.add_(torch.randn_like(param) * 0.5)
+    return model.eval()
+
+
+def _logits(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def _dense_reference(base: Path, ours: nn.Module, vocab: int) -> nn.Module:
+    """transformers' model of ``base`` holding our dequantized weights, resized as a PEFT user would."""
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    with torch.no_grad():
+        for name, module in ours.named_modules():
+            if isinstance(module, NF4Linear):
+                reference.get_submodule(name.removesuffix(".base")).weight.copy_(module.dequantize())
+    reference.resize_token_embeddings(vocab)
+    return reference
+
+
+CASES = [
+    pytest.param(False, [5, 320, 321], [], id="untied-tokens"),
+    pytest.param(True, [5, 320, 321], [], id="tied-tokens"),
+    pytest.param(False, [], ["embed_tokens", "lm_head"], id="untied-modules"),
+    pytest.param(True, [], ["embed_tokens"], id="tied-modules"),
+    pytest.param(False, [320, 321], ["embed_tokens"], id="untied-embed-saved-head-tokens"),
+]
+
+
+@pytest.mark.parametrize("tied, tokens, modules", CASES)
+def test_peft_loads_our_trainable_embeddings_and_we_load_them_back(tmp_path, tied, tokens, modules):
+    from peft import PeftModel
+
+    base = _base(tmp_path, tied)
+    ours = _trained(base, tokens, modules)
+    adapter = save_adapter(ours, tmp_path / "adapter", str(base))
+    expected = _logits(ours)
+    theirs = PeftModel.from_pretrained(_dense_reference(base, ours, VOCAB + 2), adapter).eval()
+    torch.testing.assert_close(_logits(theirs), expected, rtol=0, atol=1e-4)
+
+    config = json.loads((adapter / CONFIG_NAME).read_text())
+    if tokens:
+        sides = ["embed_tokens"] if tied else [s for s in ("embed_tokens", "lm_head") if s not in modules]
+        assert config["trainable_token_indices"] == {side: tokens for side in sides}
+    assert config["modules_to_save"] == (["embed_tokens", "lm_head"] if tied and modules else modules or None)
+    assert config["ensure_weight_tying"] is (tied and bool(modules))
+
+    again = load_model(base, device="cpu")  # our loader: resizes, wraps, loads
+    load_adapter(again, adapter)
+    assert torch.equal(_logits(again.eval()), expected)
+    assert (again.get_input_embeddings().weight is again.get_output_embeddings().weight) == tied  # tied stays tied
+
+
+def test_tied_model_shares_one_delta_and_untied_trains_the_heads_rows_too(tmp_path):
+    tied = _trained(_base(tmp_path, True), [5, 320])
+    embed, head = tied.get_input_embeddings(), tied.get_output_embeddings()
+    assert isinstance(embed, TrainableTokens) and isinstance(head, TrainableTokens)
+    assert head.trainable_tokens_delta is embed.trainable_tokens_delta
+    assert [n for n, p in tied.named_parameters() if p.requires_grad and "lora" not in n] == [
+        "model.embed_tokens.trainable_tokens_delta"
+    ]
+    state = embedding_state_dict(tied)
+    assert list(state) == ["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"]
+    untied = _trained(_base(tmp_path, False), [5, 320])
+    assert set(embedding_state_dict(untied)) == {
+        "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta",
+        "base_model.model.lm_head.token_adapter.trainable_tokens_delta",
+    }
+    saved = _trained(_base(tmp_path, True), [], ["lm_head"])  # tied: saving either saves the one matrix
+    assert isinstance(saved.get_input_embeddings(), SavedEmbedding) and isinstance(saved.lm_head, SavedHead)
+    assert saved.get_input_embeddings().weight is saved.lm_head.weight
+
+
+def test_only_the_chosen_rows_change_in_training_steps(tmp_path):
+    from qlora_kit.loss import causal_lm_loss
+
+    model = _trained(_base(tmp_path, True), [5, 320], seed=2)
+    model.train()
+    embed = model.get_input_embeddings()
+    before = {"base": embed.base.weight.detach().clone(), "delta": embed.trainable_tokens_delta.detach().clone()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    batch = {"input_ids": IDS, "attention_mask": torch.ones_like(IDS), "labels": IDS}
+    for _ in range(3):
+        loss, _ = causal_lm_loss(model, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert torch.equal(embed.base.weight, before["base"])  # every other row is the base's, untouched
+    assert not torch.equal(embed.trainable_tokens_delta, before["delta"])  # both chosen rows moved
+    assert (embed.trainable_tokens_delta - before["delta"]).abs().sum(1).min() > 0
+    ids = torch.tensor([[1, 17, 42]])  # no chosen token in the input: only the head's rows 5 and 320 differ
+    with torch.no_grad():
+        moved = model(ids).logits - _without_tokens(model)(ids).logits
+    changed = (moved.abs() > 0).any(dim=(0, 1)).nonzero().flatten().tolist()
+    assert changed == [5, 320]
+
+
+def _without_tokens(model: nn.Module) -> nn.Module:
+    """The same model with the token rows switched back to the base's (the wrappers' bases put back)."""
+    import copy
+
+    bare = copy.deepcopy(model)
+    bare.model.embed_tokens = bare.model.embed_tokens.base
+    bare.lm_head = bare.lm_head.base
+    return bare
+
+
+def test_bad_embedding_settings_are_refused_and_nothing_is_changed(tmp_path):
+    base = _base(tmp_path, False)
+    model = load_model(base, device="cpu")
+    add_lora(model, "attention", r=2)
+    with pytest.raises(QloraKitError, match=r"modules_to_save: \['norm'\] cannot be trained in full"):
+        add_trainable_embeddings(model, [], ["norm"])
+    with pytest.raises(QloraKitError, match=r"token ids \[400\] are outside the vocabulary \(0..319\)"):
+        add_trainable_embeddings(model, [5, 400])
+    assert isinstance(model.get_input_embeddings(), nn.Embedding) and not embedding_state_dict(model)
+    adapter = save_adapter(_trained(base, [5, 320]), tmp_path / "adapter", str(base))
+    config = json.loads((adapter / CONFIG_NAME).read_text())
+    (adapter / CONFIG_NAME).write_text(json.dumps({**config, "modules_to_save": ["norm"]}))
+    with pytest.raises(QloraKitError, match=r"name \['norm'\]; qlora-kit trains"):
+        read_adapter(adapter)
+    (adapter / CONFIG_NAME).write_text(json.dumps({**config, "trainable_token_indices": {"lm_head": [5, 320]}}))
+    with pytest.raises(QloraKitError, match=r"unexpected tensor .*embed_tokens\.token_adapter"):
+        read_adapter(adapter)
+    state = load_file(adapter / WEIGHTS_NAME)
+    assert len(state) == 2 * 4 * 2 + 2
