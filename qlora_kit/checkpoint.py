@@ -28,6 +28,7 @@ from torch import nn
 
 from qlora_kit.adapter import AdapterFileError, LoRASettings, read_adapter, write_adapter_files
 from qlora_kit.atomic import atomic_dir
+from qlora_kit.embeddings import load_embedding_state_dict
 from qlora_kit.errors import QloraKitError
 from qlora_kit.lora import load_lora_state_dict
 
@@ -187,5 +188,6 @@ def load_checkpoint(path: Path, model: nn.Module) -> dict[str, Any]:
     except AdapterFileError as e:
         raise damaged_checkpoint_error(path, e.file, str(e)) from None
     load_lora_state_dict(model, adapter.state, source=str(path))
+    load_embedding_state_dict(model, adapter.embeddings, source=str(path))  # trainable tokens, modules_to_save
     set_rng_state(state["rng"])
     return state

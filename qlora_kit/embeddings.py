@@ -24,16 +24,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from qlora_kit.errors import QloraKitError
+from qlora_kit.facts import EMBEDDING_MODULES
 from qlora_kit.lora import PEFT_PREFIX
 
-EMBED, HEAD = "embed_tokens", "lm_head"  # the names PEFT's configs use (leaf names of Llama-style models)
-EMBEDDING_MODULES = (EMBED, HEAD)
+EMBED, HEAD = EMBEDDING_MODULES  # the names PEFT's configs use (leaf names of Llama-style models)
 DELTA_SUFFIX = ".token_adapter.trainable_tokens_delta"
 
 
@@ -280,22 +281,30 @@ def apply_embeddings(
             f"{source}: trainable_token_indices lists other tokens for {' and '.join(indices)}; qlora-kit trains "
             "the same tokens in both"
         )
+    saved = [tensor for key, tensor in state.items() if key.endswith(".weight")]
+    if is_tied(model) and len(saved) == 2 and not torch.equal(*saved):
+        raise QloraKitError(
+            f"{source}: this model ties lm_head to embed_tokens, and the adapter saved them as two different "
+            "matrices (modules_to_save without ensure_weight_tying); load it on an untied copy of the base"
+        )
     resize_vocab(model, settings.vocab_size(state, model.get_input_embeddings().weight.shape[0]))
     ids = next(iter(indices.values()), [])
     add_trainable_embeddings(model, ids, settings.modules_to_save, token_sides=list(indices))
     load_embedding_state_dict(model, state, source)
 
 
-def merged_rows(key: str, tensor: torch.Tensor, settings: EmbeddingSettings, state: dict[str, torch.Tensor]):
+def merged_rows(
+    key: str, tensor: torch.Tensor, settings: EmbeddingSettings, state: dict[str, torch.Tensor], vocab: int
+) -> torch.Tensor:
     """The export's value of a base tensor ``key`` (``model.embed_tokens.weight``, ``lm_head.weight``): the saved
-    module's weight, or the base's rows (grown to the adapter's vocabulary) with the trained tokens' rows."""
+    module's weight, or the base's rows grown to ``vocab`` as ``resize_vocab`` grows them, with the trained
+    tokens' rows. A tied head's rows come from the input embedding (its only tensor in a tied checkpoint)."""
     path = key.removesuffix(".weight")
     saved = state.get(f"{PEFT_PREFIX}{key}")
     if saved is not None:
         return saved
     delta = state.get(f"{PEFT_PREFIX}{path}{DELTA_SUFFIX}")
     leaf = path.rsplit(".", 1)[-1]
-    vocab = settings.vocab_size(state, tensor.shape[0])
     grown = torch.cat([tensor, tensor.float().mean(0, keepdim=True).to(tensor.dtype).expand(vocab - len(tensor), -1)])
     if delta is None or leaf not in settings.trainable_token_indices:
         return grown
@@ -320,3 +329,28 @@ def embedding_settings_from_json(raw: dict) -> EmbeddingSettings:
     if not all(isinstance(ids, list) and all(isinstance(i, int) for i in ids) for ids in indices.values()):
         raise ValueError("trainable_token_indices must map module names to lists of token ids")
     return EmbeddingSettings(dict(indices), list(modules), bool(raw.get("ensure_weight_tying", False)))
+
+
+# --- a training run's tokens ---------------------------------------------------------------------------------
+
+
+def add_tokens(tokenizer: Any, tokens: Sequence[str]) -> list[int]:
+    """The ids of ``tokens``, adding to ``tokenizer`` those it lacks (in order, so the ids are the same on every
+    run and resume)."""
+    if not tokens:
+        return []
+    vocab = tokenizer.get_vocab()
+    new = [token for token in tokens if token not in vocab]
+    if new:
+        tokenizer.add_tokens(new)
+    return [int(i) for i in tokenizer.convert_tokens_to_ids(list(tokens))]
+
+
+def add_run_embeddings(model: nn.Module, tokenizer: Any, tokens: Sequence[str], modules_to_save: Sequence[str]) -> int:
+    """A run's ``lora.trainable_tokens`` and ``lora.modules_to_save`` on its model (after ``add_lora``): the
+    vocabulary grown to the tokenizer's new tokens, the trainable modules in place. Returns the number of
+    trainable values added."""
+    ids = add_tokens(tokenizer, tokens)
+    resize_vocab(model, max([*ids, -1]) + 1)
+    add_trainable_embeddings(model, ids, modules_to_save)
+    return sum(param.numel() for param in {id(p): p for p in _trained(model).values()}.values())

@@ -36,8 +36,9 @@ from safetensors.torch import save_file
 from qlora_kit.adapter import CONFIG_NAME, Adapter, find_adapter_dir, read_adapter, write_metadata
 from qlora_kit.adapters import read_stack, stacked_base_adapters
 from qlora_kit.atomic import atomic_dir
+from qlora_kit.embeddings import merged_rows
 from qlora_kit.errors import QloraKitError
-from qlora_kit.facts import DTYPE_NAMES, NF4_BLOCKSIZE, nf4_bytes, parse_size
+from qlora_kit.facts import DTYPE_NAMES, EMBEDDING_MODULES, NF4_BLOCKSIZE, nf4_bytes, parse_size
 from qlora_kit.hf_dir import (
     check_out,
     copy_side_files,
@@ -88,6 +89,7 @@ class _Unit:
     lora: tuple[torch.Tensor, torch.Tensor] | None  # (A, B) when an adapter targets it
     out_bytes: int
     stacked: list[tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=list)  # frozen (A, B, scaling)
+    rows: Callable[[torch.Tensor], torch.Tensor] | None = None  # an embedding the adapter trains: its new value
 
 
 @dataclass
@@ -169,6 +171,10 @@ def _plan(adapter: Adapter, base_dir: Path, out_dtype: torch.dtype, max_bytes: i
     unused = check_checkpoint(layout, entries, base_dir)
     _check_adapter_fits(layout, adapter, base_dir)
     stack = read_stack(stacked_base_adapters(adapter))  # lora.base_adapters: merged under the adapter
+    vocab = adapter.config.embeddings.vocab_size(adapter.embeddings, config.vocab_size)
+    if vocab != config.vocab_size:  # new tokens: the export's config says the grown vocabulary
+        logger.info(f"the adapter adds tokens: the export's vocabulary is {vocab} (the base's {config.vocab_size})")
+        config.vocab_size = vocab
     for below in stack:
         _check_adapter_fits(layout, below, base_dir)
     if unused:
@@ -189,9 +195,21 @@ def _plan(adapter: Adapter, base_dir: Path, out_dtype: torch.dtype, max_bytes: i
             out_bytes = math.prod(entry.shape) * itemsize
         module = name.removesuffix(".weight")
         stacked = [(*below[module], scaling) for below, scaling in stack_pairs if module in below]
-        units.append(_Unit(name, entry, is_linear, pairs.get(module), out_bytes, stacked))
+        rows = embedding_rows(name, adapter, config)  # trainable tokens / modules_to_save, merged
+        if rows is not None:
+            out_bytes = out_bytes // entry.shape[0] * config.vocab_size
+        units.append(_Unit(name, entry, is_linear, pairs.get(module), out_bytes, stacked, rows))
     shards = _shards(units, max_bytes)
     return _Plan(adapter, base_dir, config, units, shards, sum(u.out_bytes for u in units), out_dtype, **options)
+
+
+def embedding_rows(name: str, adapter: Adapter, config) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """How the export writes a base tensor the adapter's embeddings change (None: as it is)."""
+    settings, state = adapter.config.embeddings, adapter.embeddings
+    module = name.removesuffix(".weight").rsplit(".", 1)[-1]
+    if not settings or module not in EMBEDDING_MODULES or not name.endswith(".weight"):
+        return None
+    return lambda tensor: merged_rows(name, tensor, settings, state, config.vocab_size)
 
 
 def _shards(units: list[_Unit], max_bytes: int) -> list[list[_Unit]]:
@@ -221,6 +239,7 @@ def _render(
     """The output tensor(s) for one checkpoint tensor, on the CPU."""
     tensor = read_tensor(unit.entry)
     if not unit.is_linear:
+        tensor = tensor if unit.rows is None else unit.rows(tensor)
         return {unit.name: tensor.to(out_dtype) if tensor.is_floating_point() else tensor}
     # Exactly what load_model does with this tensor: move it, quantize it in its on-disk dtype.
     tensor = tensor.to(device)

@@ -35,6 +35,7 @@ from qlora_kit.adapters import read_stack, stack_adapters, stack_record
 from qlora_kit.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
 from qlora_kit.config import RunConfig, load_config, to_yaml
 from qlora_kit.data import BatchPlan, PreparedData, eval_batches, prepare_data, prompt_template
+from qlora_kit.embeddings import add_run_embeddings, add_tokens
 from qlora_kit.errors import QloraKitError
 from qlora_kit.facts import auto_optimizer, resolve_adapter_dtype
 from qlora_kit.loading import DTYPES, dtype_name, load_model, load_tokenizer, resolve_device, resolve_dtype
@@ -84,6 +85,7 @@ def prepare(cfg: RunConfig) -> RunInputs:
     out = Path(cfg.output.dir)  # created only once setup has succeeded: a failed start leaves no empty dir
     resume_from = find_resume_checkpoint(cfg.train.resume, out)
     tokenizer = load_tokenizer(cfg.model.name_or_path)
+    add_tokens(tokenizer, cfg.lora.trainable_tokens)  # lora.trainable_tokens: new ones before the data is tokenized
     data = prepare_data(cfg.data, tokenizer)
     batches = make_batch_plan(cfg, data)
     steps = total_steps(cfg.train, len(batches))
@@ -103,14 +105,19 @@ def prepare(cfg: RunConfig) -> RunInputs:
 
 
 def load_lora_model(
-    cfg: RunConfig, device: torch.device, dtype: torch.dtype, adapter_dtype: torch.dtype
+    cfg: RunConfig, device: torch.device, dtype: torch.dtype, adapter_dtype: torch.dtype, tokenizer: Any = None
 ) -> tuple[nn.Module, LoRAReport]:
-    """The recipe's 4-bit model with its LoRA adapters (and gradient checkpointing if asked): what fit trains."""
+    """The recipe's 4-bit model with its LoRA adapters (and gradient checkpointing if asked): what fit trains.
+
+    ``tokenizer``: the run's, holding ``lora.trainable_tokens`` (default: the model's, with them added)."""
     lc = cfg.lora
     stack = read_stack(lc.base_adapters)  # checked before minutes of loading
     model = load_model(cfg.model.name_or_path, device=device, dtype=dtype)
     stack_adapters(model, stack)  # lora.base_adapters: frozen, folded into the 4-bit layers under the new adapter
     report = add_lora(model, lc.targets, lc.r, lc.alpha, lc.dropout, lc.use_rslora, adapter_dtype)
+    if lc.trainable_tokens or lc.modules_to_save:
+        tokenizer = tokenizer or load_tokenizer(cfg.model.name_or_path)
+        report.trainable_params += add_run_embeddings(model, tokenizer, lc.trainable_tokens, lc.modules_to_save)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, report
@@ -120,7 +127,7 @@ def setup(inputs: RunInputs) -> Run:
     """Load the model (after the memory-budget check), build optimizer and schedule, restore a checkpoint."""
     cfg = inputs.cfg
     check_budget(cfg, inputs.data)  # model.max_memory_gb: refuse a run that cannot fit before loading the model
-    model, report = load_lora_model(cfg, inputs.device, inputs.dtype, inputs.adapter_dtype)
+    model, report = load_lora_model(cfg, inputs.device, inputs.dtype, inputs.adapter_dtype, inputs.tokenizer)
     logger.info(str(report))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer_name = auto_optimizer(inputs.device.type) if cfg.train.optimizer == "auto" else cfg.train.optimizer
@@ -365,7 +372,10 @@ def finish(run: Run, result: TrainResult) -> None:
     checkpoint(run)
     template = prompt_template(run.cfg.data.format, run.cfg.data.template)
     metadata = {"template": template, **stack_record(run.cfg.lora.base_adapters)}
-    adapter_dir = save_adapter(run.model, run.out / "adapter", run.cfg.model.name_or_path, metadata, lora=run.cfg.lora)
+    tokenizer = run.tokenizer if run.cfg.lora.trainable_tokens else None  # it holds the tokens it added
+    adapter_dir = save_adapter(
+        run.model, run.out / "adapter", run.cfg.model.name_or_path, metadata, lora=run.cfg.lora, tokenizer=tokenizer
+    )
     prompts = sample_prompts(run.cfg, run.data)
     if prompts:
         write_samples(run.out / "samples_after.json", "after training", run.model, run.tokenizer, prompts, run.cfg)

@@ -175,3 +175,29 @@ def test_bad_embedding_settings_are_refused_and_nothing_is_changed(tmp_path):
         read_adapter(adapter)
     state = load_file(adapter / WEIGHTS_NAME)
     assert len(state) == 2 * 4 * 2 + 2
+
+
+@pytest.mark.parametrize("tied, tokens, modules", CASES)
+def test_export_merges_the_embeddings_with_the_grown_vocabulary(tmp_path, tied, tokens, modules):
+    from qlora_kit.export import export_merged
+
+    base = _base(tmp_path, tied)
+    ours = _trained(base, tokens, modules)
+    adapter = save_adapter(ours, tmp_path / "adapter", str(base))
+    out = export_merged(adapter, tmp_path / "merged", dtype="fp32", device="cpu")
+    config = json.loads((out / "config.json").read_text())
+    assert config["vocab_size"] == VOCAB + 2 and config["tie_word_embeddings"] is tied
+    dense = load_model(out, device="cpu", quantize=False)
+    torch.testing.assert_close(_logits(dense), _logits(ours), rtol=0, atol=1e-4)
+
+
+def test_a_tied_model_refuses_two_different_saved_matrices(tmp_path):
+    base = _base(tmp_path, True)
+    adapter = save_adapter(_trained(base, [], ["embed_tokens"]), tmp_path / "adapter", str(base))
+    state = load_file(adapter / WEIGHTS_NAME)
+    state["base_model.model.lm_head.weight"] = state["base_model.model.lm_head.weight"] + 1
+    from safetensors.torch import save_file
+
+    save_file(state, adapter / WEIGHTS_NAME)
+    with pytest.raises(QloraKitError, match="ties lm_head to embed_tokens, and the adapter saved them as two"):
+        load_adapter(load_model(base, device="cpu"), adapter)

@@ -12,7 +12,15 @@ from collections.abc import Sequence
 
 from qlora_kit.config.schema import RunConfig
 from qlora_kit.errors import QloraKitError
-from qlora_kit.facts import DATA_FORMATS, DTYPE_CHOICES, LR_SCHEDULERS, OPTIMIZER_CHOICES, TARGET_PRESETS, TEMPLATES
+from qlora_kit.facts import (
+    DATA_FORMATS,
+    DTYPE_CHOICES,
+    EMBEDDING_MODULES,
+    LR_SCHEDULERS,
+    OPTIMIZER_CHOICES,
+    TARGET_PRESETS,
+    TEMPLATES,
+)
 
 
 class _Problems:
@@ -76,6 +84,18 @@ def _lora(p: _Problems, cfg: RunConfig) -> None:
             "a list must hold at least one non-empty module name, e.g. [q_proj, v_proj]",
         )
     p.choice("lora.adapter_dtype", DTYPE_CHOICES)
+    p.check(
+        isinstance(lo.trainable_tokens, list)
+        and all(isinstance(t, str) and t for t in lo.trainable_tokens)
+        and len(set(lo.trainable_tokens)) == len(lo.trainable_tokens),
+        "lora.trainable_tokens",
+        'must be a list of distinct non-empty tokens, e.g. ["<|tool|>"]',
+    )
+    p.check(
+        isinstance(lo.modules_to_save, list) and set(lo.modules_to_save) <= set(EMBEDDING_MODULES),
+        "lora.modules_to_save",
+        f"allowed entries: {', '.join(EMBEDDING_MODULES)}",
+    )
     p.check(
         isinstance(lo.base_adapters, list) and all(isinstance(d, str) and d.strip() for d in lo.base_adapters),
         "lora.base_adapters",
