@@ -201,3 +201,60 @@ def test_a_tied_model_refuses_two_different_saved_matrices(tmp_path):
     save_file(state, adapter / WEIGHTS_NAME)
     with pytest.raises(QloraKitError, match="ties lm_head to embed_tokens, and the adapter saved them as two"):
         load_adapter(load_model(base, device="cpu"), adapter)
+
+
+@pytest.fixture
+def tokenizer_model(tmp_path: Path, smollm2_dir: Path, request) -> Path:
+    """A tiny Llama with SmolLM2's tokenizer, tied (as SmolLM2) or not."""
+    from tests.test_generate import with_tokenizer
+
+    path = save_tiny_checkpoint(
+        tmp_path / "tiny", vocab_size=49152, hidden_size=64, intermediate_size=96, tie_word_embeddings=request.param
+    )
+    return with_tokenizer(path, smollm2_dir)
+
+
+RUNS = [
+    pytest.param(True, ["<|tool|>", "<|im_start|>"], [], id="tied-tokens"),
+    pytest.param(False, ["<|tool|>"], ["embed_tokens"], id="untied-saved-embed-head-tokens"),
+]
+
+
+@pytest.mark.parametrize("tokenizer_model, tokens, modules", [p.values for p in RUNS], indirect=["tokenizer_model"])
+def test_training_with_new_tokens_saves_tokenizer_resumes_exactly_and_generates(
+    tokenizer_model, tmp_path, tokens, modules, caplog
+):
+    from qlora_kit.config import load_config
+    from qlora_kit.generate import load_for_generation
+    from qlora_kit.train import train
+    from tests.test_train import TOOLS, _overrides
+
+    def run(out: Path, steps: int, save_steps: int) -> Path:
+        extra = {"lora.trainable_tokens": json.dumps(tokens), "lora.modules_to_save": json.dumps(modules)}
+        extra |= {"train.max_steps": steps, "train.save_steps": save_steps, "train.lr_scheduler": "constant"}
+        recipe = TOOLS.parent / "smollm2_alpaca.yaml"
+        assert train(load_config(recipe, _overrides(tokenizer_model, out, **extra))).status == "completed"
+        return out / "adapter"
+
+    whole = run(tmp_path / "whole", 3, 0)
+    run(tmp_path / "split", 2, 1)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="qlora_kit"):
+        split = run(tmp_path / "split", 3, 1)  # resumes from step 2 (train.resume=auto)
+    assert "resumed from" in caplog.text and "at step 2/3" in caplog.text
+    for key, tensor in load_file(whole / WEIGHTS_NAME).items():
+        assert torch.equal(tensor, load_file(split / WEIGHTS_NAME)[key]), key
+
+    from qlora_kit.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(whole)  # the adapter's own tokenizer holds the new token
+    new_id = tokenizer.convert_tokens_to_ids("<|tool|>")
+    assert new_id == 49152 and tokenizer("say <|tool|> now")["input_ids"].count(new_id) == 1
+    config = json.loads((whole / CONFIG_NAME).read_text())
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    assert sorted(ids) == next(iter(config["trainable_token_indices"].values()))
+    model, loaded_tokenizer, _ = load_for_generation(str(tokenizer_model), str(whole), "cpu", "fp32", None, False)
+    assert len(loaded_tokenizer) == 49153 and model.get_input_embeddings().weight.shape[0] == 49153
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, new_id, 5]])).logits
+    assert logits.shape[-1] == 49153 and torch.isfinite(logits).all()
