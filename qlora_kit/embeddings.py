@@ -67,14 +67,11 @@ class EmbeddingSettings:
 # --- the modules ---------------------------------------------------------------------------------------------
 
 
-class TrainableTokens(nn.Module):
-    """An embedding (or output head) whose rows ``token_indices`` are the trainable ``trainable_tokens_delta``.
+class _TokenRows(nn.Module):
+    """What both token layers hold: ``base``, the rows they replace (``token_indices``) and those rows' trainable
+    values (``trainable_tokens_delta``, initialized from the rows; ``tied_to``: share that layer's instead)."""
 
-    ``tied_to``: share that layer's delta (the head of a tied model reads the input embedding's rows).
-    """
-
-    def __init__(self, base: nn.Module, token_indices: Sequence[int], tied_to: TrainableTokens | None = None):
-        super().__init__()
+    def _init_rows(self, base: nn.Module, token_indices: Sequence[int], tied_to: _TokenRows | None) -> None:
         self.base = base
         weight = base.weight
         self.register_buffer("token_indices", torch.tensor(list(token_indices), dtype=torch.long, device=weight.device))
@@ -82,29 +79,56 @@ class TrainableTokens(nn.Module):
             self.trainable_tokens_delta = nn.Parameter(weight.detach()[self.token_indices].clone())
         else:
             self.trainable_tokens_delta = tied_to.trainable_tokens_delta  # one Parameter, two users
+
+    def merged_weight(self) -> torch.Tensor:
+        """The base's weight with the trained rows in place (what export writes)."""
+        return self.base.weight.detach().index_copy(0, self.token_indices, self.trainable_tokens_delta.detach())
+
+
+class TrainableTokens(_TokenRows):
+    """The input embedding with the rows ``token_indices`` trainable: only the positions holding those tokens
+    look up the trained rows (no copy of the vocabulary-sized matrix per forward)."""
+
+    def __init__(self, base: nn.Embedding, token_indices: Sequence[int]) -> None:
+        super().__init__()
+        self._init_rows(base, token_indices, None)
         # vocab -> row of the delta (-1: the base's row); a buffer, so it moves with the module
-        lookup = torch.full((weight.shape[0],), -1, dtype=torch.long, device=weight.device)
-        lookup[self.token_indices] = torch.arange(len(token_indices), device=weight.device)
+        lookup = torch.full((base.weight.shape[0],), -1, dtype=torch.long, device=base.weight.device)
+        lookup[self.token_indices] = torch.arange(len(token_indices), device=base.weight.device)
         self.register_buffer("row_of", lookup, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        if isinstance(self.base, nn.Embedding):  # only the looked-up positions of those tokens change
-            rows = self.row_of[x]
-            picked = self.trainable_tokens_delta[rows.clamp(min=0)].to(out.dtype)
-            return torch.where((rows >= 0).unsqueeze(-1), picked, out)
-        # the head: the logits of those tokens come from their trained rows
-        logits = F.linear(x, self.trainable_tokens_delta.to(x.dtype))
-        return out.index_copy(-1, self.token_indices, logits.to(out.dtype))
+        rows = self.row_of[x]
+        picked = self.trainable_tokens_delta[rows.clamp(min=0)].to(out.dtype)
+        return torch.where((rows >= 0).unsqueeze(-1), picked, out)
 
     @property
     def weight(self) -> torch.Tensor:
-        """The base's weight (what code that asks an embedding for its ``weight`` means: its shape, dtype,
-        device, tying), not including the trained rows: ``merged_weight`` is that."""
+        """The base's weight (what code asking an embedding for its ``weight`` wants: shape, dtype, device,
+        tying); ``merged_weight`` has the trained rows."""
         return self.base.weight
 
-    def merged_weight(self) -> torch.Tensor:
-        return self.base.weight.detach().index_copy(0, self.token_indices, self.trainable_tokens_delta.detach())
+
+class TrainableTokensHead(_TokenRows, nn.Linear):
+    """The output head with the rows ``token_indices`` trainable. An ``nn.Linear`` whose ``weight`` is the base's
+    with the trained rows in place (differentiable in them), so the chunked loss (``loss.py``) keeps its path:
+    one vocabulary-sized copy of the head and its fp32 gradient during the loss, never the logits of all
+    labelled tokens at once."""
+
+    def __init__(self, base: nn.Linear, token_indices: Sequence[int], tied_to: _TokenRows | None = None) -> None:
+        nn.Module.__init__(self)  # not nn.Linear's: the weight is the base's, merged on use
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.register_parameter("bias", None)
+        self._init_rows(base, token_indices, tied_to)
+
+    @property
+    def weight(self) -> torch.Tensor:  # type: ignore[override]
+        delta = self.trainable_tokens_delta.to(self.base.weight.dtype)
+        return self.base.weight.index_copy(0, self.token_indices, delta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
 
 
 class SavedEmbedding(nn.Embedding):
@@ -139,7 +163,7 @@ def _paths(model: nn.Module) -> dict[str, str]:
 
 
 def _base_of(module: nn.Module) -> nn.Module:
-    return module.base if isinstance(module, TrainableTokens) else module
+    return module.base if isinstance(module, _TokenRows) else module
 
 
 def is_tied(model: nn.Module) -> bool:
@@ -202,10 +226,11 @@ def add_trainable_embeddings(
     if tied and EMBED in sides:  # the head of a tied model reads the input embedding's rows
         embed = TrainableTokens(model.get_submodule(paths[EMBED]), ids)
         _set(model, paths[EMBED], embed)
-        _set(model, paths[HEAD], TrainableTokens(model.get_submodule(paths[HEAD]), ids, tied_to=embed))
+        _set(model, paths[HEAD], TrainableTokensHead(model.get_submodule(paths[HEAD]), ids, tied_to=embed))
     else:
         for leaf in sides:
-            _set(model, paths[leaf], TrainableTokens(model.get_submodule(paths[leaf]), ids))
+            layer = TrainableTokens if leaf == EMBED else TrainableTokensHead
+            _set(model, paths[leaf], layer(model.get_submodule(paths[leaf]), ids))
     return embedding_settings(model)
 
 
@@ -220,7 +245,7 @@ def embedding_settings(model: nn.Module) -> EmbeddingSettings:
         module = model.get_submodule(paths[leaf])
         if isinstance(module, (SavedEmbedding, SavedHead)):
             settings.modules_to_save.append(leaf)
-        elif isinstance(module, TrainableTokens):
+        elif isinstance(module, _TokenRows):
             shared = leaf == HEAD and getattr(embed, "trainable_tokens_delta", None) is module.trainable_tokens_delta
             if not shared:  # a tied head's rows are the input embedding's: PEFT saves them once
                 settings.trainable_token_indices[leaf] = module.token_indices.tolist()

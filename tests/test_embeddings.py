@@ -16,8 +16,10 @@ from qlora_kit.embeddings import (
     SavedEmbedding,
     SavedHead,
     TrainableTokens,
+    TrainableTokensHead,
     add_trainable_embeddings,
     embedding_state_dict,
+    is_tied,
     resize_vocab,
 )
 from qlora_kit.errors import QloraKitError
@@ -98,13 +100,13 @@ def test_peft_loads_our_trainable_embeddings_and_we_load_them_back(tmp_path, tie
     again = load_model(base, device="cpu")  # our loader: resizes, wraps, loads
     load_adapter(again, adapter)
     assert torch.equal(_logits(again.eval()), expected)
-    assert (again.get_input_embeddings().weight is again.get_output_embeddings().weight) == tied  # tied stays tied
+    assert is_tied(again) == tied  # tied stays tied
 
 
 def test_tied_model_shares_one_delta_and_untied_trains_the_heads_rows_too(tmp_path):
     tied = _trained(_base(tmp_path, True), [5, 320])
     embed, head = tied.get_input_embeddings(), tied.get_output_embeddings()
-    assert isinstance(embed, TrainableTokens) and isinstance(head, TrainableTokens)
+    assert isinstance(embed, TrainableTokens) and isinstance(head, TrainableTokensHead)
     assert head.trainable_tokens_delta is embed.trainable_tokens_delta
     assert [n for n, p in tied.named_parameters() if p.requires_grad and "lora" not in n] == [
         "model.embed_tokens.trainable_tokens_delta"
