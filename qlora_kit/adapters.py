@@ -28,8 +28,9 @@ import torch
 from torch import nn
 
 from qlora_kit import adapter as adapter_files
+from qlora_kit.embeddings import bare_module, embedding_paths
 from qlora_kit.errors import QloraKitError
-from qlora_kit.lora import lora_layers, lora_scaling
+from qlora_kit.lora import LoRALinear, lora_layers, lora_scaling
 from qlora_kit.quant import NF4Linear
 
 REGISTRY_ATTR = "_qlora_kit_adapters"  # a plain attribute on the model (not a submodule)
@@ -115,6 +116,7 @@ def load_adapter(
         )
     if not isinstance(adapter, adapter_files.Adapter):
         adapter = adapter_files.read_adapter(adapter)
+    _check_embeddings_alone(reg, adapter, name)
     previous = reg.active
     disable_adapters(model)
     stray = lora_layers(model)
@@ -126,18 +128,57 @@ def load_adapter(
         )
     try:
         config = adapter_files.load_adapter(model, adapter, dtype=dtype)
-        wrappers = lora_layers(model)
+        wrappers = _wrappers_in_tree(model)
         for path, wrapper in wrappers.items():
-            if reg.bases.setdefault(path, wrapper.base) is not wrapper.base:
+            base = _bare(wrapper)
+            if reg.bases.setdefault(path, base) is not base and isinstance(wrapper, LoRALinear):
                 raise QloraKitError(f"internal: {path}'s base module changed between adapters")  # never expected
-    finally:
-        disable_adapters(model)  # what load_adapter added comes out; the registry puts it back below
+            reg.bases[path] = base  # an embedding's: the resized one, when the adapter grew the vocabulary
+    except BaseException:  # nothing of it stays in the model; the adapter that was active is again
+        _take_out_added(model)
+        if previous is not None:
+            set_adapter(model, previous)
+        raise
+    _take_out_added(model)  # the registry puts it in below, when it is to be active
     reg.wrappers[name], reg.configs[name], reg.directories[name] = wrappers, config, adapter.directory
     if activate or (activate is None and previous is None and len(reg.wrappers) == 1):
         set_adapter(model, name)
     elif previous is not None:
         set_adapter(model, previous)
     return config
+
+
+def _wrappers_in_tree(model: nn.Module) -> dict[str, nn.Module]:
+    """The adapter modules in the module tree: LoRA layers, and trainable embeddings (tokens, saved modules)."""
+    found: dict[str, nn.Module] = dict(lora_layers(model))
+    for path in embedding_paths(model):
+        module = model.get_submodule(path)
+        if bare_module(module) is not module:
+            found[path] = module
+    return found
+
+
+def _bare(wrapper: nn.Module) -> nn.Module:
+    return wrapper.base if isinstance(wrapper, LoRALinear) else bare_module(wrapper)
+
+
+def _take_out_added(model: nn.Module) -> None:
+    """Every adapter module out of the tree (also those of a load that failed half-way), bases in."""
+    for path, wrapper in _wrappers_in_tree(model).items():
+        _place(model, path, _bare(wrapper))
+    disable_adapters(model)
+
+
+def _check_embeddings_alone(reg: AdapterRegistry, adapter: adapter_files.Adapter, name: str) -> None:
+    """An adapter that trains embeddings (new tokens: another vocabulary) is loaded alone: the others would
+    share a base whose vocabulary it changed."""
+    with_embeddings = [n for n, config in reg.configs.items() if config.embeddings]
+    if reg.wrappers and (adapter.config.embeddings or with_embeddings):
+        which = f"{name!r} ({adapter.directory})" if adapter.config.embeddings else repr(with_embeddings[0])
+        raise QloraKitError(
+            f"adapter {which} trains embeddings (lora.trainable_tokens or lora.modules_to_save), which change "
+            "the vocabulary or the embeddings every other adapter would share; load it alone"
+        )
 
 
 def adapter_bytes(model: nn.Module, name: str) -> int:

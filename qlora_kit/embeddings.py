@@ -148,7 +148,20 @@ def _trainable_copy(module: nn.Module, weight: nn.Parameter | None = None) -> nn
     else:
         copy = SavedHead(module.in_features, module.out_features, bias=False, device="meta")
     copy.weight = weight
+    copy.__dict__["replaced"] = module  # the frozen original (not a submodule): what disabling puts back
     return copy
+
+
+def bare_module(module: nn.Module) -> nn.Module:
+    """The base module a trainable-embedding module stands for (``module`` itself when it is not one)."""
+    if isinstance(module, _TokenRows):
+        return module.base
+    return module.__dict__.get("replaced", module)
+
+
+def embedding_paths(model: nn.Module) -> list[str]:
+    """The module paths of the model's input embedding and output head."""
+    return list(_paths(model).values())
 
 
 # --- where they go -------------------------------------------------------------------------------------------

@@ -148,7 +148,14 @@ def test_bad_names_and_stray_layers_are_refused_and_nothing_is_lost(base, two):
         adapters.set_adapter(model, "c")
     with pytest.raises(QloraKitError, match="means 'no adapter'"):
         adapters.load_adapter(model, b, name="off")
+    other = save_tiny_checkpoint(base.parent / "other", hidden_size=64, intermediate_size=96)
+    foreign = _save_random_adapter(other, base.parent / "foreign", seed=3)
+    with pytest.raises(QloraKitError, match="the adapter was trained on a different base model"):
+        adapters.load_adapter(model, foreign, name="foreign")
+    assert adapters.adapter_names(model) == ["a"] and "foreign" not in str(model)
     assert adapters.active_adapter(model) == "a" and torch.equal(_logits(model), before)
+    adapters.disable_adapters(model)
+    assert not lora_layers(model)
 
     stray = load_model(base, device="cpu")
     add_lora(stray, "attention", r=2)

@@ -260,3 +260,33 @@ def test_training_with_new_tokens_saves_tokenizer_resumes_exactly_and_generates(
     with torch.no_grad():
         logits = model(torch.tensor([[1, new_id, 5]])).logits
     assert logits.shape[-1] == 49153 and torch.isfinite(logits).all()
+
+
+def test_an_adapter_with_embeddings_switches_off_and_on_and_is_loaded_alone(tmp_path):
+    from qlora_kit import adapters
+
+    base = _base(tmp_path, True)
+    ours = _trained(base, [5, 320, 321])  # every new token trained, as a run's are
+    adapter = save_adapter(ours, tmp_path / "adapter", str(base))
+    plain = save_adapter(_plain_lora(base), tmp_path / "plain", str(base))
+    model = load_model(base, device="cpu")
+    ids = IDS[:, [0, 1, 3, 6]]  # tokens of the base vocabulary
+    with torch.no_grad():
+        bare = model(ids).logits
+    adapters.load_adapter(model, adapter, name="tokens")
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, _logits(ours))
+        adapters.disable_adapters(model)  # the bare embeddings, in the grown vocabulary
+        assert not isinstance(model.get_input_embeddings(), TrainableTokens)
+        torch.testing.assert_close(model(ids).logits[..., :VOCAB], bare, rtol=0, atol=1e-6)
+        adapters.set_adapter(model, "tokens")
+        assert torch.equal(model(IDS).logits, _logits(ours))
+    with pytest.raises(QloraKitError, match=r"'tokens' trains embeddings .* load it alone"):
+        adapters.load_adapter(model, plain, name="plain")
+    assert adapters.adapter_names(model) == ["tokens"] and adapters.active_adapter(model) == "tokens"
+
+
+def _plain_lora(base: Path) -> nn.Module:
+    model = load_model(base, device="cpu")
+    add_lora(model, "attention", r=2)
+    return model
