@@ -93,6 +93,9 @@ def plan_main(argv: list[str] | None = None) -> int:
         choices=("on", "off"),
         help="fp32 master copies of 16-bit adapters (train.fp32_master_weights; default on): 4 B/param",
     )
+    p.add_argument("--trainable-tokens", type=int, default=0, help="token rows trained (lora.trainable_tokens)")
+    p.add_argument("--modules-to-save", default="", help="embed_tokens,lm_head trained in full (lora.modules_to_save)")
+    p.add_argument("--extra-adapters", type=int, default=0, help="more adapters like this one loaded on the same base")
     p.add_argument("--gpu", help="memory to fit in: 24GB, 48GB, 80GB (as GiB: 24GB = 24 x 2^30) or bytes")
     p.add_argument("--max", choices=("batch", "seq"), help="print the largest batch or seq that fits in --gpu")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -113,6 +116,8 @@ def plan_main(argv: list[str] | None = None) -> int:
     knobs |= dict(optimizer=args.optimizer, checkpointing=args.checkpointing == "on", device=args.device)
     knobs |= dict(compute_dtype=args.compute_dtype, adapter_dtype=args.adapter_dtype, lora_dropout=args.dropout)
     knobs |= dict(grad_accumulation=args.accum, master_weights=args.master_weights == "on")
+    saved = [name for name in args.modules_to_save.split(",") if name]
+    knobs |= dict(trainable_tokens=args.trainable_tokens, modules_to_save=saved, extra_adapters=args.extra_adapters)
     shape = model_shape(args.model)
     if args.max:
         return _print_max(shape, gpu, args.max, args.json, knobs)

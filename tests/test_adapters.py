@@ -313,3 +313,25 @@ def test_training_over_base_adapters_keeps_them_frozen_and_records_them(tiny_dir
     more.train.max_steps = 3
     resumed = setup(prepare(more))
     assert resumed.step == 2 and torch.equal(_logits(resumed.model.eval()), _logits(run.model))
+
+
+def test_the_plan_counts_extra_and_stacked_adapters_as_their_own_bytes(base, two):
+    from qlora_kit.memory import plan_memory
+    from qlora_kit.memory.budget import base_adapter_params
+    from qlora_kit.memory.shapes import checkpoint_shape
+
+    a, b = two
+    model = load_model(base, device="cpu")
+    adapters.load_adapter(model, a, name="a")
+    adapters.load_adapter(model, b, name="b")
+    shape = checkpoint_shape(str(base))
+    knobs = dict(rank=8, targets=["q_proj", "v_proj"], device="cpu")
+    plan = plan_memory(shape, **knobs, extra_adapters=2)
+    rows = {row.item: row.bytes for row in plan.rows}
+    assert rows["extra adapters"] == 2 * adapters.adapter_bytes(model, "b") == 2 * rows["LoRA parameters"]
+    frozen = base_adapter_params([str(a), str(b)])
+    assert frozen == sum(t.numel() for path in (a, b) for t in load_file_tensors(path))
+    stacked = plan_memory(shape, **knobs, base_adapter_params=frozen)
+    held = {row.item: row.bytes for row in stacked.rows}["frozen base adapters"]
+    assert held == adapters.adapter_bytes(model, "a") + adapters.adapter_bytes(model, "b")
+    assert stacked.phases["load"] == plan_memory(shape, **knobs).phases["load"] + held

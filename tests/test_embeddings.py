@@ -290,3 +290,37 @@ def _plain_lora(base: Path) -> nn.Module:
     model = load_model(base, device="cpu")
     add_lora(model, "attention", r=2)
     return model
+
+
+@pytest.mark.parametrize("tied, tokens, modules", CASES)
+def test_the_plan_counts_the_trainable_embeddings_as_the_model_holds_them(tmp_path, tied, tokens, modules):
+    from qlora_kit.memory import plan_memory
+    from qlora_kit.memory.shapes import checkpoint_shape
+
+    base = _base(tmp_path, tied)
+    tokens = list(range(10, 10 + len(tokens)))  # as many tokens, in the checkpoint's vocabulary (the plan's)
+    model = _trained(base, tokens, modules, vocab=VOCAB)
+    model.train()
+    params = list({id(p): p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}.values())
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    for param in params:
+        param.grad = torch.zeros_like(param)
+    optimizer.step()
+    states = sum(t.numel() * t.element_size() for st in optimizer.state.values() for t in st.values() if t.dim())
+    plan = plan_memory(
+        checkpoint_shape(str(base)),
+        rank=4,
+        targets="attention",
+        device="cpu",
+        trainable_tokens=len(tokens),
+        modules_to_save=modules,
+    )
+    rows = {row.item: row.bytes for row in plan.rows}
+    assert rows["trainable embeddings"] == sum(p.numel() * p.element_size() for p in params)
+    assert rows["embedding gradients"] == rows["trainable embeddings"]
+    assert rows["embedding optimizer states"] == states
+    assert "trainable head in the loss" in rows  # every case here trains the head (its rows, or all of it)
+    plain = plan_memory(checkpoint_shape(str(base)), rank=4, targets="attention", device="cpu")
+    assert plan.total > plain.total and not any("embedding" in row.item for row in plain.rows)
+    with pytest.raises(QloraKitError, match="modules_to_save may hold embed_tokens, lm_head, not \\['norm'\\]"):
+        plan_memory(checkpoint_shape(str(base)), device="cpu", modules_to_save=["norm"])

@@ -39,7 +39,18 @@ def recipe_knobs(cfg, device, dtype, adapter_dtype) -> dict:
     knobs |= dict(checkpointing=cfg.model.gradient_checkpointing, lora_dropout=cfg.lora.dropout)
     knobs |= dict(compute_dtype=dtype_name(dtype), adapter_dtype=dtype_name(adapter_dtype))
     knobs |= dict(grad_accumulation=cfg.train.gradient_accumulation_steps, master_weights=cfg.train.fp32_master_weights)
+    knobs |= dict(trainable_tokens=len(cfg.lora.trainable_tokens), modules_to_save=list(cfg.lora.modules_to_save))
+    knobs |= dict(base_adapter_params=base_adapter_params(cfg.lora.base_adapters))
     return knobs
+
+
+def base_adapter_params(directories: list[str]) -> int:
+    """The frozen A/B values of ``lora.base_adapters`` (their files' own tensors), 0 for none."""
+    if not directories:
+        return 0
+    from qlora_kit.adapters import read_stack
+
+    return sum(t.numel() for adapter in read_stack(directories) for t in adapter.state.values())
 
 
 def plan_run(cfg, data, gpu_bytes: int | None = None) -> MemoryPlan:

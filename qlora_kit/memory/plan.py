@@ -38,11 +38,12 @@ from qlora_kit.memory.activations import (
     step_moments,
 )
 from qlora_kit.memory.cuda import CUBLAS_WORKSPACE_OLDER, PAGED_MIN_NUMEL, cublas_workspace_size, paged_bytes
+from qlora_kit.memory.extras import LOADED_EXTRAS, extra_rows
 from qlora_kit.memory.shapes import ModelShape, target_linears
 
 logger = logging.getLogger(__name__)
 
-FIXED = ("LoRA parameters", "cuBLAS workspaces", "CUDA context", "process runtime")  # rows outside
+FIXED = ("LoRA parameters", "cuBLAS workspaces", "CUDA context", "process runtime", *LOADED_EXTRAS)  # rows outside
 # weights/optimizer that no batch, sequence or checkpointing knob changes (MemoryPlan.fixed_bytes)
 VARIED = {"batch_size": "batch", "seq_len": "seq"}  # the knobs max_fitting searches, and their names there
 VARY_KEYS = {name: key for key, name in VARIED.items()}  # max_fitting's vary= -> the knob
@@ -160,13 +161,17 @@ def _optimizer_bytes(shape: ModelShape, rank: int, targets: tuple[str, ...], opt
     total = 0
     for o, i in (shape.linears()[name] for name in targets):
         for numel in (rank * i, o * rank):  # A, B
-            if optimizer == "adamw":  # torch AdamW: exp_avg and exp_avg_sq in the parameter's dtype
-                total += 2 * a * numel
-            elif optimizer.endswith("8bit") and numel >= 4096:  # bnb keeps tensors < 4096 values in 32 bit
-                total += 2 * numel + 2 * 4 * math.ceil(numel / 256)  # 2 uint8 states + fp32 absmax per 256
-            else:
-                total += 8 * numel  # 2 fp32 states
+            total += state_bytes(numel, optimizer, a)
     return total * shape.layers
+
+
+def state_bytes(numel: int, optimizer: str, a: int) -> int:
+    """The optimizer's states of one tensor of ``numel`` values (``a``: bytes per value of torch AdamW's)."""
+    if optimizer == "adamw":  # torch AdamW: exp_avg and exp_avg_sq in the parameter's dtype
+        return 2 * a * numel
+    if optimizer.endswith("8bit") and numel >= 4096:  # bnb keeps tensors < 4096 values in 32 bit
+        return 2 * numel + 2 * 4 * math.ceil(numel / 256)  # 2 uint8 states + fp32 absmax per 256
+    return 8 * numel  # 2 fp32 states
 
 
 # --- the plan ------------------------------------------------------------------------------------------------
@@ -357,6 +362,10 @@ def plan_memory(
     cublas_workspace_bytes: int | None = None,
     gpu_bytes: int | None = None,
     suggest: bool = True,
+    trainable_tokens: int = 0,
+    modules_to_save: list[str] | tuple[str, ...] = (),
+    base_adapter_params: int = 0,
+    extra_adapters: int = 0,
 ) -> MemoryPlan:
     """Peak memory of one training step of our stack, by category (formulas: docs/memory.md).
 
@@ -367,12 +376,16 @@ def plan_memory(
     default) means padded when ``batch_size`` > 1. ``cublas_workspace_bytes``: one cuBLAS workspace (CUDA);
     None means torch's rule for a Hopper GPU (``cublas_workspace_size``); ``profile`` passes the real one.
     ``master_weights``: ``train.fp32_master_weights`` (an fp32 copy of 16-bit adapters in the optimizer).
+    ``trainable_tokens``, ``modules_to_save``, ``base_adapter_params`` (frozen values of ``lora.base_adapters``)
+    and ``extra_adapters`` (more adapters like this one loaded beside it): rows of ``memory.extras``.
     """
     s = dict(seq_len=seq_len, batch_size=batch_size, rank=rank, targets=targets, optimizer=optimizer)
     s |= dict(checkpointing=checkpointing, compute_dtype=compute_dtype, adapter_dtype=adapter_dtype)
     s |= dict(master_weights=master_weights)
     s |= dict(lora_dropout=lora_dropout, device=device, grad_accumulation=grad_accumulation)
     s |= dict(padded=padded, cublas_workspace_bytes=cublas_workspace_bytes)
+    s |= dict(trainable_tokens=trainable_tokens, modules_to_save=list(modules_to_save))
+    s |= dict(base_adapter_params=base_adapter_params, extra_adapters=extra_adapters)
     s = _resolved(s | dict(label_tokens=label_tokens))
     names, a = target_linears(s["targets"]), DTYPE_BYTES[s["adapter_dtype"]]
     n_lora = lora_param_count(shape, rank, names)
@@ -380,6 +393,7 @@ def plan_memory(
     moments = plan_moments(shape, s, n_lora)
     peak = max(moments, key=lambda m: moments[m].total)
     rows = _weight_rows(shape, s["compute_dtype"]) + _adapter_rows(shape, s, n_lora, opt, moments[peak])
+    rows += extra_rows(shape, s, n_lora)  # trainable embeddings, stacked and extra adapters (none: no rows)
     rows += _activation_rows(shape, s, moments, peak)
     rows += _workspace_rows(s) + _runtime_rows(rows, s["device"])
 
@@ -406,6 +420,7 @@ def phase_bytes(plan: MemoryPlan, moments: dict[str, Moment]) -> dict[str, int]:
     """
     by_item = {row.item: row.bytes for row in plan.rows}
     weights = sum(row.bytes for row in plan.rows if row.category == "weights") + by_item["LoRA parameters"]
+    weights += sum(row.bytes for row in plan.rows if row.item in LOADED_EXTRAS and row.category != "weights")
     states = sum(row.bytes for row in plan.rows if row.category == "optimizer") - plan.pageable_bytes
     fixed = weights + states + by_item.get("cuBLAS workspaces", 0)
     backward = ("loss backward", "backward of the last layer", "backward of the first layer")
