@@ -95,8 +95,9 @@ def set_adapter(model: nn.Module, name: str) -> None:
 def load_adapter(
     model: nn.Module,
     adapter: str | Path | adapter_files.Adapter,
-    name: str | None = None,
     dtype: torch.dtype | None = None,
+    *,
+    name: str | None = None,
     activate: bool | None = None,
 ) -> adapter_files.AdapterConfig:
     """Load an adapter dir (or what ``adapter.read_adapter`` read) into ``model`` under ``name``.
