@@ -335,3 +335,15 @@ def test_the_plan_counts_extra_and_stacked_adapters_as_their_own_bytes(base, two
     held = {row.item: row.bytes for row in stacked.rows}["frozen base adapters"]
     assert held == adapters.adapter_bytes(model, "a") + adapters.adapter_bytes(model, "b")
     assert stacked.phases["load"] == plan_memory(shape, **knobs).phases["load"] + held
+
+
+def test_a_stacked_adapter_is_not_loaded_beside_others(base, tmp_path):
+    from qlora_kit.generate import load_for_generation
+
+    first = _save_random_adapter(base, tmp_path / "first", seed=1)
+    model = load_model(base, device="cpu")
+    adapters.stack_adapters(model, [first])
+    add_lora(model, "attention", r=2)
+    second = save_adapter(model, tmp_path / "second", str(base), adapters.stack_record([first]))
+    with pytest.raises(QloraKitError, match=r"adapter 's' .* was trained on top of other adapters .* load it alone"):
+        load_for_generation(str(base), [f"f={first}", f"s={second}"], "cpu", "fp32", None, False)

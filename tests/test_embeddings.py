@@ -324,3 +324,21 @@ def test_the_plan_counts_the_trainable_embeddings_as_the_model_holds_them(tmp_pa
     assert plan.total > plain.total and not any("embedding" in row.item for row in plain.rows)
     with pytest.raises(QloraKitError, match="modules_to_save may hold embed_tokens, lm_head, not \\['norm'\\]"):
         plan_memory(checkpoint_shape(str(base)), device="cpu", modules_to_save=["norm"])
+
+
+def test_bad_recipe_values_are_named_and_a_missing_base_adapter_stops_before_any_output(tmp_path, smollm2_dir):
+    from qlora_kit.config import load_config
+    from qlora_kit.train import train
+    from tests.test_train import TOOLS, _overrides
+
+    recipe = TOOLS.parent / "smollm2_alpaca.yaml"
+    bad = {"lora.modules_to_save": "[norm]", "lora.trainable_tokens": '["<x>", "<x>"]'}
+    with pytest.raises(QloraKitError) as err:
+        load_config(recipe, _overrides(smollm2_dir, tmp_path / "run", **bad))
+    message = str(err.value)
+    assert "lora.modules_to_save = ['norm']: allowed entries: embed_tokens, lm_head" in message
+    assert "lora.trainable_tokens = ['<x>', '<x>']: must be a list of distinct non-empty tokens" in message
+    missing = {"lora.base_adapters": f"[{tmp_path / 'gone'}]", "train.max_steps": 1}
+    with pytest.raises(QloraKitError, match=r"gone does not exist; pass a training run dir or an adapter dir"):
+        train(load_config(recipe, _overrides(smollm2_dir, tmp_path / "run", **missing)))
+    assert not (tmp_path / "run").exists()
