@@ -342,3 +342,34 @@ def test_bad_recipe_values_are_named_and_a_missing_base_adapter_stops_before_any
     with pytest.raises(QloraKitError, match=r"gone does not exist; pass a training run dir or an adapter dir"):
         train(load_config(recipe, _overrides(smollm2_dir, tmp_path / "run", **missing)))
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_smollm2_tied_new_tokens_load_in_peft_with_our_logits(smollm2_dir, tmp_path):
+    """SmolLM2 ties lm_head to embed_tokens: a new token's one trained row serves both, and PEFT agrees."""
+    from peft import PeftModel
+
+    from qlora_kit.embeddings import add_tokens
+    from qlora_kit.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(smollm2_dir)
+    ids = add_tokens(tokenizer, ["<|tool|>", "<|im_start|>"])
+    assert ids[0] == len(tokenizer) - 1 and ids[1] < ids[0]
+    model = load_model(smollm2_dir, device="cpu")
+    add_lora(model, "attention", r=4, alpha=8, dropout=0.0)
+    resize_vocab(model, len(tokenizer))
+    add_trainable_embeddings(model, ids)
+    assert is_tied(model)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.get_input_embeddings().trainable_tokens_delta.add_(torch.randn(2, 576) * 0.05)
+        for layer in lora_layers(model).values():
+            nn.init.normal_(layer.lora_b.weight, std=0.02)
+    adapter = save_adapter(model.eval(), tmp_path / "adapter", str(smollm2_dir), tokenizer=tokenizer)
+    prompt = torch.tensor([tokenizer("Call <|tool|> then <|im_start|>")["input_ids"]])
+    with torch.no_grad():
+        ours = model(prompt).logits
+    theirs = PeftModel.from_pretrained(_dense_reference(smollm2_dir, model, len(tokenizer)), adapter).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(prompt).logits, ours, rtol=0, atol=1e-4)
+    assert load_tokenizer(adapter).convert_tokens_to_ids("<|tool|>") == ids[0]
