@@ -373,3 +373,31 @@ def test_smollm2_tied_new_tokens_load_in_peft_with_our_logits(smollm2_dir, tmp_p
     with torch.no_grad():
         torch.testing.assert_close(theirs(prompt).logits, ours, rtol=0, atol=1e-4)
     assert load_tokenizer(adapter).convert_tokens_to_ids("<|tool|>") == ids[0]
+
+
+@pytest.mark.parametrize(
+    "tied, peft_kwargs",
+    [
+        pytest.param(False, {"trainable_token_indices": [5, 7]}, id="untied-tokens-input-side-only"),
+        pytest.param(True, {"trainable_token_indices": {"embed_tokens": [5, 7]}}, id="tied-tokens"),
+        pytest.param(False, {"modules_to_save": ["lm_head"]}, id="untied-head-in-full"),
+    ],
+)
+def test_we_load_peft_written_trainable_embeddings(tmp_path, tied, peft_kwargs):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = _base(tmp_path, tied)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, **peft_kwargs)
+    theirs = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), config)
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for param in theirs.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.3)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = load_model(base, device="cpu", quantize=False)
+    load_adapter(ours, tmp_path / "peft")
+    ids = IDS[:, [0, 1, 3, 4, 6, 7]]  # the base vocabulary (PEFT's adapter adds no tokens)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(ids).logits, theirs.eval()(ids).logits, rtol=0, atol=1e-5)
