@@ -249,6 +249,22 @@ def read_stack(directories: Sequence[str | Path]) -> list[adapter_files.Adapter]
     return list(read.values())
 
 
+def _check_stackable(adapter: adapter_files.Adapter) -> None:
+    """A frozen stack holds plain LoRA deltas (``scaling * B @ A``) and nothing else: refuse what it would drop."""
+    config = adapter.config
+    variant = getattr(config, "variant", "lora")  # LoRA variants (DoRA, VeRA) are not an additive B @ A
+    problem = None
+    if config.embeddings:
+        problem = "it trains embeddings (trainable tokens / modules_to_save), which a stack does not carry"
+    elif variant != "lora" or getattr(config, "use_dora", False):
+        problem = f"it is a {variant if variant != 'lora' else 'DoRA'} adapter, not a plain LoRA delta"
+    if problem:
+        raise QloraKitError(
+            f"base adapter {adapter.directory} cannot be stacked under a new adapter: {problem}; "
+            "lora.base_adapters takes plain LoRA adapters"
+        )
+
+
 def stack_adapters(model: nn.Module, stack: Sequence[str | Path | adapter_files.Adapter]) -> list[Path]:
     """Fold frozen LoRA adapters (dirs, or what ``read_stack`` read) into the NF4 layers they target, in place,
     in order. Call before ``add_lora``: the new adapter then wraps the stacked layers. Each adapter must fit
@@ -256,9 +272,8 @@ def stack_adapters(model: nn.Module, stack: Sequence[str | Path | adapter_files.
     a stacked adapter keeps in its qlora_kit.json)."""
     if not all(isinstance(a, adapter_files.Adapter) for a in stack):
         stack = read_stack([a.directory if isinstance(a, adapter_files.Adapter) else a for a in stack])
-    for adapter in stack:
-        config = adapter.config
-        scaling = lora_scaling(config.lora_alpha, config.r, config.use_rslora)
+    for adapter in stack:  # every adapter checked before the model is touched: a refusal changes nothing
+        _check_stackable(adapter)
         for path, (lora_a, lora_b) in adapter.pairs().items():
             try:
                 layer = model.get_submodule(path)
@@ -270,6 +285,11 @@ def stack_adapters(model: nn.Module, stack: Sequence[str | Path | adapter_files.
                     f"base adapter {adapter.directory} does not fit this model: {path} is not a 4-bit decoder "
                     f"linear of shape {shape} here; lora.base_adapters must be adapters trained on this base model"
                 )
+    for adapter in stack:
+        config = adapter.config
+        scaling = lora_scaling(config.lora_alpha, config.r, config.use_rslora)
+        for path, (lora_a, lora_b) in adapter.pairs().items():
+            layer = model.get_submodule(path)
             if not isinstance(layer, StackedNF4Linear):
                 layer = StackedNF4Linear(layer)
                 _place(model, path, layer)

@@ -347,3 +347,17 @@ def test_a_stacked_adapter_is_not_loaded_beside_others(base, tmp_path):
     second = save_adapter(model, tmp_path / "second", str(base), adapters.stack_record([first]))
     with pytest.raises(QloraKitError, match=r"adapter 's' .* was trained on top of other adapters .* load it alone"):
         load_for_generation(str(base), [f"f={first}", f"s={second}"], "cpu", "fp32", None, False)
+
+
+def test_an_adapter_with_embeddings_is_not_stacked(base, tmp_path):
+    from qlora_kit.embeddings import add_trainable_embeddings
+
+    model = load_model(base, device="cpu")
+    add_lora(model, "attention", r=2)
+    add_trainable_embeddings(model, [5])
+    with_tokens = save_adapter(model, tmp_path / "tokens", str(base))
+    fresh = load_model(base, device="cpu")
+    plain = _save_random_adapter(base, tmp_path / "plain", seed=1)
+    with pytest.raises(QloraKitError, match="cannot be stacked under a new adapter: it trains embeddings"):
+        adapters.stack_adapters(fresh, [plain, with_tokens])  # the first one is not stacked either
+    assert not any(isinstance(m, adapters.StackedNF4Linear) for m in fresh.modules())
