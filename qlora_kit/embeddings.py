@@ -3,11 +3,12 @@
 Two ways to train what the 4-bit base keeps dense (``lora.trainable_tokens``, ``lora.modules_to_save``):
 
 - **trainable tokens**: only the rows of some tokens train. ``TrainableTokens`` wraps the input embedding
-  (and the output head) and replaces those rows by a trainable ``trainable_tokens_delta`` (n x hidden; PEFT's
-  name: it holds the rows' values, not a difference), initialized from the rows it replaces. New tokens are
-  added to the tokenizer, the embeddings resized (new rows start at the mean of the old ones) and trained
-  this way. Untied models train the tokens' rows of ``lm_head`` too (so the model can also *emit* them);
-  tied models (SmolLM2) share one delta between the input embedding and the head, as tying means.
+  (``TrainableTokensHead`` the output head) and replaces those rows by a trainable ``trainable_tokens_delta``
+  (n x hidden; PEFT's name: it holds the rows' values, not a difference), initialized from the rows it
+  replaces. New tokens are added to the tokenizer, the embeddings resized (new rows start at the mean of the
+  old ones) and trained this way. Untied models train the tokens' rows of ``lm_head`` too (so the model can
+  also *emit* them); tied models (SmolLM2) share one delta between the input embedding and the head, as
+  tying means.
   PEFT: ``trainable_token_indices: {embed_tokens: [...], lm_head: [...]}`` and
   ``...embed_tokens.token_adapter.trainable_tokens_delta``.
 - **modules_to_save** (``embed_tokens``, ``lm_head``): the module trains in full, as a copy of its weight.
@@ -16,8 +17,13 @@ Two ways to train what the 4-bit base keeps dense (``lora.trainable_tokens``, ``
   ``...embed_tokens.weight`` / ``...lm_head.weight``.
 
 Both are in the compute dtype (the dtype of the weights they replace; fp32 master copies for 16-bit ones
-come from the optimizer, as for 16-bit adapters). ``memory.plan`` counts their weights, gradients and states.
+come from the optimizer, as for 16-bit adapters). ``memory.extras`` plans their weights, gradients and states.
 The LoRA layers are not touched: this module only swaps the embedding and head modules.
+
+Loading such an adapter grows the base to the vocabulary it needs (``EmbeddingSettings.vocab_size``: its highest
+trained token id + 1, or its saved modules' rows). A run trains every token it adds, so that is the run's
+vocabulary; an adapter that grew the vocabulary by tokens it did not train cannot say so (PEFT's files have
+no vocabulary key) and loads with the smaller one.
 """
 
 from __future__ import annotations
@@ -80,10 +86,6 @@ class _TokenRows(nn.Module):
         else:
             self.trainable_tokens_delta = tied_to.trainable_tokens_delta  # one Parameter, two users
 
-    def merged_weight(self) -> torch.Tensor:
-        """The base's weight with the trained rows in place (what export writes)."""
-        return self.base.weight.detach().index_copy(0, self.token_indices, self.trainable_tokens_delta.detach())
-
 
 class TrainableTokens(_TokenRows):
     """The input embedding with the rows ``token_indices`` trainable: only the positions holding those tokens
@@ -106,7 +108,7 @@ class TrainableTokens(_TokenRows):
     @property
     def weight(self) -> torch.Tensor:
         """The base's weight (what code asking an embedding for its ``weight`` wants: shape, dtype, device,
-        tying); ``merged_weight`` has the trained rows."""
+        tying), without the trained rows."""
         return self.base.weight
 
 
