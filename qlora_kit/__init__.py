@@ -7,6 +7,11 @@ The public API (the CLI ``qlora-kit`` is built on the same functions)::
     cfg = load_recipe("recipes/smollm2_alpaca.yaml", ["train.max_steps=5"])
     result = train(cfg)                                  # setup -> fit -> finish, as `qlora-kit train`
 
+    model = load_model("smollm2-135m-instruct")          # one 4-bit base, many adapters:
+    load_adapter(model, "runs/a/adapter", name="a")      # each wraps the same NF4 layers (its own bytes only)
+    load_adapter(model, "runs/b/adapter", name="b")
+    set_adapter(model, "b"); disable_adapters(model)     # switch per request: no copy, no reload
+
 Names are imported on first use, so ``import qlora_kit`` stays light (no torch) until one is used.
 """
 
@@ -38,7 +43,12 @@ _API = {
     "fit": "qlora_kit.train",
     "finish": "qlora_kit.train",
     "save_adapter": "qlora_kit.adapter",
-    "load_adapter": "qlora_kit.adapter",
+    "load_adapter": "qlora_kit.adapters",
+    "set_adapter": "qlora_kit.adapters",
+    "disable_adapters": "qlora_kit.adapters",
+    "active_adapter": "qlora_kit.adapters",
+    "stack_adapters": "qlora_kit.adapters",
+    "add_trainable_embeddings": "qlora_kit.embeddings",
     "export_merged": "qlora_kit.export",
     "plan_memory": "qlora_kit.memory",
     "model_shape": "qlora_kit.memory",
@@ -53,7 +63,10 @@ __all__ = [
     "QloraKitError",
     "RunConfig",
     "TrainState",
+    "active_adapter",
     "add_lora",
+    "add_trainable_embeddings",
+    "disable_adapters",
     "evaluate",
     "export_merged",
     "finish",
@@ -68,16 +81,20 @@ __all__ = [
     "prepare",
     "prepare_data",
     "save_adapter",
+    "set_adapter",
     "setup",
+    "stack_adapters",
     "train",
     "train_step",
 ]  # the keys of _API
 
 if TYPE_CHECKING:
-    from qlora_kit.adapter import load_adapter, save_adapter
+    from qlora_kit.adapter import save_adapter
+    from qlora_kit.adapters import active_adapter, disable_adapters, load_adapter, set_adapter, stack_adapters
     from qlora_kit.config import RunConfig
     from qlora_kit.config import load_config as load_recipe
     from qlora_kit.data import BatchPlan, prepare_data
+    from qlora_kit.embeddings import add_trainable_embeddings
     from qlora_kit.errors import QloraKitError
     from qlora_kit.export import export_merged
     from qlora_kit.generate import generate_text

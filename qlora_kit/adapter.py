@@ -34,6 +34,13 @@ from torch import nn
 
 from qlora_kit.architecture import decoder_linear_names
 from qlora_kit.atomic import atomic_dir
+from qlora_kit.embeddings import (
+    EmbeddingSettings,
+    apply_embeddings,
+    embedding_settings,
+    embedding_settings_from_json,
+    embedding_state_dict,
+)
 from qlora_kit.errors import QloraKitError
 from qlora_kit.lora import (
     PEFT_PREFIX,
@@ -64,8 +71,10 @@ class AdapterConfig:
     base_model_name_or_path: str | None = None
     variant: str = "lora"  # lora | dora (PEFT: use_dora) | vera (PEFT: peft_type VERA)
     projection_prng_key: int = 0  # vera: the seed of the shared projection (saved with it as well)
+    embeddings: EmbeddingSettings = field(default_factory=EmbeddingSettings)  # trainable tokens, modules_to_save
 
     def to_peft_json(self) -> dict:
+        embeddings = self.embeddings  # none with vera (validate refuses them together)
         if self.variant == "vera":
             return {
                 "peft_type": "VERA",
@@ -96,7 +105,9 @@ class AdapterConfig:
             "fan_in_fan_out": False,
             "inference_mode": True,
             "init_lora_weights": True,
-            "modules_to_save": None,
+            "modules_to_save": embeddings.modules_to_save or None,
+            "trainable_token_indices": embeddings.trainable_token_indices or None,
+            "ensure_weight_tying": embeddings.ensure_weight_tying,
             "base_model_name_or_path": self.base_model_name_or_path,
         }
 
@@ -208,7 +219,9 @@ def write_adapter_files(
     the weights when the model does not hold them whole (FSDP shards: ``distributed.full_lora_state``).
     """
     config = adapter_config_of(model, base_model_name_or_path, lora)
-    state = {k: v.contiguous() for k, v in (lora_state_dict(model) if state is None else state).items()}
+    config.embeddings = embedding_settings(model)
+    state = {**(lora_state_dict(model) if state is None else state), **embedding_state_dict(model)}
+    state = {k: v.contiguous() for k, v in state.items()}
     init_info = next((layer.init_info for layer in lora_layers(model).values() if hasattr(layer, "init_info")), None)
     if init_info is not None:  # PiSSA/LoftQ: how to recompute the residual base (export, merged)
         metadata = {**(metadata or {}), INIT_KEY: init_info}
@@ -225,15 +238,19 @@ def save_adapter(
     metadata: dict[str, Any] | None = None,
     lora: LoRASettings | None = None,
     state: dict[str, torch.Tensor] | None = None,
+    tokenizer: Any = None,
 ) -> Path:
     """Atomically (re)write ``directory`` as a PEFT-layout adapter dir (``metadata``: see ``write_metadata``;
-    ``lora``: the run's LoRA config, see ``adapter_config_of``; ``state``: see ``write_adapter_files``)."""
+    ``lora``: the run's LoRA config, see ``adapter_config_of``; ``state``: see ``write_adapter_files``;
+    ``tokenizer``: saved beside the adapter, for one with added tokens)."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise QloraKitError(f"{directory} is a file; choose a directory path for the adapter")
     try:
         with atomic_dir(directory) as tmp:
             write_adapter_files(model, tmp, base_model_name_or_path, metadata, lora, state)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
     except OSError as e:
         earlier = " The adapter that was there is intact." if directory.is_dir() else ""
         raise QloraKitError(
@@ -302,6 +319,7 @@ class Adapter:
     config: AdapterConfig
     state: dict[str, torch.Tensor]
     metadata: dict[str, Any] = field(default_factory=dict)
+    embeddings: dict[str, torch.Tensor] = field(default_factory=dict)  # trainable tokens' / saved modules' tensors
 
     def pairs(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """(A, B) per adapted module name (``model.layers.0.self_attn.q_proj``); none for VeRA."""
@@ -359,7 +377,8 @@ def read_adapter(directory: str | Path) -> Adapter:
     directory = Path(directory)
     config = read_adapter_config(directory)
     state = _read_weights(directory, config)
-    return Adapter(directory, config, state, read_metadata(directory))
+    embeddings = {key: state.pop(key) for key in [k for k in state if config.embeddings.holds(k)]}
+    return Adapter(directory, config, state, read_metadata(directory), embeddings)
 
 
 def read_adapter_config(directory: str | Path) -> AdapterConfig:
@@ -389,8 +408,14 @@ def _config_from_json(raw: dict, config_file: Path) -> AdapterConfig:
     peft_type = raw.get("peft_type", "LORA")
     if peft_type not in ("LORA", "VERA"):
         raise refuse(f"peft_type {peft_type!r} is not supported; LORA (with or without use_dora) and VERA are")
-    if raw.get("bias", "none") != "none" or raw.get("modules_to_save"):
-        raise refuse("only bias='none' adapters without modules_to_save are supported")
+    if raw.get("bias", "none") != "none":
+        raise refuse("only bias='none' adapters are supported")
+    if peft_type == "VERA" and raw.get("modules_to_save"):
+        raise refuse("VERA adapters with modules_to_save are not supported")
+    try:
+        embeddings = embedding_settings_from_json(raw)
+    except ValueError as e:
+        raise refuse(str(e)) from None
     targets = raw.get("target_modules")
     if isinstance(targets, str):
         raise refuse(f"target_modules is a pattern ({targets!r}); list the module names instead")
@@ -405,6 +430,7 @@ def _config_from_json(raw: dict, config_file: Path) -> AdapterConfig:
             base_model_name_or_path=raw.get("base_model_name_or_path"),
             variant="vera" if vera else ("dora" if raw.get("use_dora") else "lora"),
             projection_prng_key=int(raw.get("projection_prng_key", 0)),
+            embeddings=embeddings,
         )
     except (KeyError, TypeError, ValueError) as e:
         raise AdapterFileError(f"{config_file} lacks a valid {e} entry", CONFIG_NAME) from None
@@ -447,7 +473,11 @@ def _read_weights(directory: Path, config: AdapterConfig) -> dict[str, torch.Ten
     weights, r, variant = directory / WEIGHTS_NAME, config.r, config.variant
     modules: dict[str, dict[str, torch.Tensor]] = {}
     projection: dict[str, torch.Tensor] = {}
+    embeddings: dict[str, torch.Tensor] = {}  # trainable tokens / modules_to_save: checked by embeddings.py
     for key, tensor in _load_safetensors(directory).items():
+        if config.embeddings.holds(key):
+            embeddings[key] = tensor
+            continue
         match, shared = _TENSOR_KEY.fullmatch(key), _PROJECTION_KEY.fullmatch(key)
         kind = match and match.group(2) + (".weight" if match.group(2) in ("lora_A", "lora_B") else "")
         if shared is not None and variant == "vera":
@@ -478,7 +508,7 @@ def _read_weights(directory: Path, config: AdapterConfig) -> dict[str, torch.Ten
                     WEIGHTS_NAME,
                 )
     state = {f"{PEFT_PREFIX}{name}.{suffix}": t for name, held in modules.items() for suffix, t in held.items()}
-    return {**state, **projection}
+    return {**state, **projection, **embeddings}
 
 
 def load_adapter(model: nn.Module, adapter: str | Path | Adapter, dtype: torch.dtype | None = None) -> AdapterConfig:
@@ -507,4 +537,5 @@ def load_adapter(model: nn.Module, adapter: str | Path | Adapter, dtype: torch.d
     if config.variant == "vera" and VERA_A_KEY not in state:  # saved without it: drawn again from its key
         state = {**state, **{k: v for k, v in lora_state_dict(model).items() if k in (VERA_A_KEY, VERA_B_KEY)}}
     load_lora_state_dict(model, state, source=str(adapter.directory))
+    apply_embeddings(model, config.embeddings, adapter.embeddings, source=str(adapter.directory))
     return config

@@ -28,6 +28,7 @@ from torch import nn
 
 from qlora_kit.adapter import AdapterFileError, LoRASettings, read_adapter, write_adapter_files
 from qlora_kit.atomic import atomic_dir
+from qlora_kit.embeddings import load_embedding_state_dict
 from qlora_kit.errors import QloraKitError
 from qlora_kit.lora import load_lora_state_dict
 
@@ -80,16 +81,17 @@ def save_checkpoint(
     base_model_name_or_path: str | None,
     keep_last: int,
     lora: LoRASettings | None = None,
+    metadata: dict[str, Any] | None = None,
 ) -> Path:
     """Write checkpoint ``step`` atomically and keep only the newest ``keep_last`` checkpoints.
 
     ``lora``: the run's LoRA config, which the checkpoint's adapter_config.json is written from (see
-    ``adapter.adapter_config_of``).
+    ``adapter.adapter_config_of``); ``metadata``: the adapter's qlora_kit.json, if any (``write_metadata``).
     """
     target = checkpoint_dir(run_dir) / f"step-{step:06d}"
     try:
         with atomic_dir(target) as tmp:
-            write_adapter_files(model, tmp, base_model_name_or_path, lora=lora)
+            write_adapter_files(model, tmp, base_model_name_or_path, metadata, lora=lora)
             torch.save({**training_state, "step": step, "rng": rng_state()}, tmp / STATE_NAME)
             (tmp / MARKER_NAME).write_text(json.dumps({"step": step}) + "\n")
     except OSError as e:
@@ -195,5 +197,6 @@ def load_checkpoint(path: Path, model: nn.Module) -> dict[str, Any]:
     except AdapterFileError as e:
         raise damaged_checkpoint_error(path, e.file, str(e)) from None
     load_lora_state_dict(model, adapter.state, source=str(path))
+    load_embedding_state_dict(model, adapter.embeddings, source=str(path))  # trainable tokens, modules_to_save
     set_rng_state(state["rng"])
     return state

@@ -108,6 +108,9 @@ def plan_main(argv: list[str] | None = None) -> int:
         choices=("on", "off"),
         help="fp32 master copies of 16-bit adapters (train.fp32_master_weights; default on): 4 B/param",
     )
+    p.add_argument("--trainable-tokens", type=int, default=0, help="token rows trained (lora.trainable_tokens)")
+    p.add_argument("--modules-to-save", default="", help="embed_tokens,lm_head trained in full (lora.modules_to_save)")
+    p.add_argument("--extra-adapters", type=int, default=0, help="more adapters like this one loaded on the same base")
     p.add_argument("--gpu", help="memory to fit in: 24GB, 48GB, 80GB (as GiB: 24GB = 24 x 2^30) or bytes")
     p.add_argument("--gpus", type=int, default=1, help="processes (GPUs) under torchrun: the plan is per process")
     p.add_argument("--parallel", default="ddp", choices=("ddp", "fsdp"), help="with --gpus > 1 (train.parallel)")
@@ -160,6 +163,8 @@ def plan_main(argv: list[str] | None = None) -> int:
     knobs |= dict(grad_accumulation=args.accum, master_weights=args.master_weights == "on")
     knobs |= offload_knobs(p, args)
     knobs |= dict(variant=args.variant, init=args.init)
+    saved = [name for name in args.modules_to_save.split(",") if name]
+    knobs |= dict(trainable_tokens=args.trainable_tokens, modules_to_save=saved, extra_adapters=args.extra_adapters)
     shape = model_shape(args.model)
     if args.max:
         return _print_max(shape, gpu, args.max, args.json, knobs)
@@ -287,7 +292,15 @@ def _generate_parser() -> argparse.ArgumentParser:
         description="Generate text with a base model + LoRA adapter, or an exported merged model.",
     )
     p.add_argument("--model", required=True, help="base model or exported dir: path, hub id or short id")
-    p.add_argument("--adapter", default=None, help="adapter dir (or training run dir) to apply")
+    p.add_argument(
+        "--adapter",
+        action="append",
+        default=None,
+        metavar="[NAME=]DIR",
+        help="adapter dir (or training run dir) to apply; repeat as NAME=DIR to load several on the one base "
+        "(each costs only its own weights) and pick one with --use, or with /adapter NAME in --interactive",
+    )
+    p.add_argument("--use", default=None, metavar="NAME", help="the adapter to answer with (default: the first)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="one prompt; the answer is streamed to the terminal")
     source.add_argument("--interactive", action="store_true", help="read prompts from stdin until EOF or 'exit'")
@@ -333,9 +346,10 @@ def generate_main(argv: list[str] | None = None) -> int:
     if args.prompt is not None:
         check_prompt(args.prompt)  # before minutes of loading
     model, tokenizer, recorded = load_for_generation(
-        args.model, args.adapter, args.device, args.dtype, args.quantize, args.merge_adapter
+        args.model, args.adapter, args.device, args.dtype, args.quantize, args.merge_adapter, use=args.use
     )
     template = recorded if args.template == "auto" and recorded else args.template
+    switch = _adapter_switch(model, args)
 
     def answer(prompt: str) -> None:
         sampling = dict(temperature=args.temperature, top_p=args.top_p, input_text=args.input)
@@ -344,7 +358,7 @@ def generate_main(argv: list[str] | None = None) -> int:
     if args.prompt is not None:
         answer(args.prompt)
         return 0
-    print("Type a prompt and press Enter; 'exit' or Ctrl-D quits.")
+    print("Type a prompt and press Enter; '/adapter NAME' (or off) switches adapters; 'exit' or Ctrl-D quits.")
     while True:
         try:
             prompt = input(">>> ")
@@ -353,8 +367,42 @@ def generate_main(argv: list[str] | None = None) -> int:
             return 0
         if prompt.strip() in {"exit", "quit"}:
             return 0
-        if prompt.strip():
+        if prompt.strip().startswith("/adapter"):
+            template = switch(prompt.strip().removeprefix("/adapter").strip(), template)
+        elif prompt.strip():
             answer(prompt)
+
+
+def _adapter_switch(model, args: argparse.Namespace):
+    """The interactive ``/adapter NAME`` (``/adapter off``: the base model; ``/adapter``: the list): switches
+    the loaded adapters on the one base and returns the prompt template to use next."""
+    from qlora_kit import adapters
+    from qlora_kit.generate import recorded_template
+    from qlora_kit.models import resolve_model_dir
+
+    def switch(name: str, template: str) -> str:
+        names = adapters.adapter_names(model)
+        if not names or args.merge_adapter:
+            print("no adapters to switch: load them with --adapter NAME=DIR (without --merge-adapter)")
+            return template
+        if not name:
+            print(f"adapters: {', '.join(names)}; active: {adapters.active_adapter(model) or 'off'}")
+            return template
+        if name != "off" and name not in names:
+            print(f"no adapter named {name!r}; loaded: {', '.join(names)} (or off)")
+            return template
+        if name == "off":
+            adapters.disable_adapters(model)
+            print("adapter off: the base model answers")
+        else:
+            adapters.set_adapter(model, name)
+            print(f"adapter {name} active")
+        if args.template != "auto":
+            return template
+        recorded = [adapters.registry(model).directories[name]] if name != "off" else []
+        return recorded_template(resolve_model_dir(args.model), *recorded) or args.template
+
+    return switch
 
 
 COMMANDS = {

@@ -27,16 +27,18 @@ import logging
 import math
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from qlora_kit.adapter import CONFIG_NAME, INIT_KEY, Adapter, find_adapter_dir, read_adapter, write_metadata
+from qlora_kit.adapters import read_stack, stacked_base_adapters
 from qlora_kit.atomic import atomic_dir
+from qlora_kit.embeddings import merged_rows
 from qlora_kit.errors import QloraKitError
-from qlora_kit.facts import DTYPE_NAMES, NF4_BLOCKSIZE, nf4_bytes, parse_size
+from qlora_kit.facts import DTYPE_NAMES, EMBEDDING_MODULES, NF4_BLOCKSIZE, nf4_bytes, parse_size
 from qlora_kit.hf_dir import (
     check_out,
     copy_side_files,
@@ -48,7 +50,7 @@ from qlora_kit.hf_dir import (
     write_config,
 )
 from qlora_kit.loading import DTYPES, build_skeleton, load_config, resolve_device
-from qlora_kit.lora import VERA_A_KEY, VERA_B_KEY, lora_scaling
+from qlora_kit.lora import VERA_A_KEY, VERA_B_KEY, lora_scaling, merge_lora_weight
 from qlora_kit.models import resolve_model_dir
 from qlora_kit.quant import NF4Linear
 from qlora_kit.weights import (
@@ -87,6 +89,8 @@ class _Unit:
     lora: Callable[[torch.Tensor], torch.Tensor] | None  # W -> W with the adapter merged, when one targets it
     out_bytes: int
     residual: Callable[[torch.Tensor], torch.Tensor] | None = None  # PiSSA/LoftQ: W -> the base training quantized
+    stacked: list[tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=list)  # frozen (A, B, scaling)
+    rows: Callable[[torch.Tensor], torch.Tensor] | None = None  # an embedding the adapter trains: its new value
 
 
 @dataclass
@@ -106,8 +110,12 @@ class _Plan:
 
     @property
     def scaling(self) -> float:
-        config = self.adapter.config
-        return lora_scaling(config.lora_alpha, config.r, config.use_rslora)
+        return _scaling(self.adapter)
+
+
+def _scaling(adapter: Adapter) -> float:
+    config = adapter.config
+    return lora_scaling(config.lora_alpha, config.r, config.use_rslora)
 
 
 def _human(nbytes: int) -> str:
@@ -172,6 +180,13 @@ def _plan(adapter: Adapter, base_dir: Path, out_dtype: torch.dtype, max_bytes: i
     layout = checkpoint_layout(skeleton)
     unused = check_checkpoint(layout, entries, base_dir)
     _check_adapter_fits(layout, adapter, base_dir)
+    stack = read_stack(stacked_base_adapters(adapter))  # lora.base_adapters: merged under the adapter
+    vocab = adapter.config.embeddings.vocab_size(adapter.embeddings, config.vocab_size)
+    if vocab != config.vocab_size:  # new tokens: the export's config says the grown vocabulary
+        logger.info(f"the adapter adds tokens: the export's vocabulary is {vocab} (the base's {config.vocab_size})")
+        config.vocab_size = vocab
+    for below in stack:
+        _check_adapter_fits(layout, below, base_dir)
     if unused:
         logger.info(
             f"note: {len(unused)} tensors of {base_dir} are not used by the model and are left out (e.g. {unused[0]})"
@@ -179,6 +194,7 @@ def _plan(adapter: Adapter, base_dir: Path, out_dtype: torch.dtype, max_bytes: i
     over_residual = options["merge_into"] == "dequantized" and INIT_KEY in adapter.metadata
     merges = {module: adapter.merger(module, over_residual) for module in adapter.modules()}
     residual = adapter.residual() if over_residual else None
+    stack_pairs = [(below.pairs(), _scaling(below)) for below in stack]
     units = []
     for name, entry in sorted(entries.items(), key=lambda kv: (kv[1].file, kv[1].start)):
         if name not in layout.shapes:
@@ -189,10 +205,25 @@ def _plan(adapter: Adapter, base_dir: Path, out_dtype: torch.dtype, max_bytes: i
         else:
             itemsize = out_dtype.itemsize if entry.dtype.is_floating_point else entry.dtype.itemsize
             out_bytes = math.prod(entry.shape) * itemsize
-        merge = merges.get(name.removesuffix(".weight"))
-        units.append(_Unit(name, entry, is_linear, merge, out_bytes, residual if merge is not None else None))
+        module = name.removesuffix(".weight")
+        merge = merges.get(module)
+        stacked = [(*below[module], scaling) for below, scaling in stack_pairs if module in below]
+        rows = embedding_rows(name, adapter, config)  # trainable tokens / modules_to_save, merged
+        if rows is not None:
+            out_bytes = out_bytes // entry.shape[0] * config.vocab_size
+        unit_residual = residual if merge is not None else None
+        units.append(_Unit(name, entry, is_linear, merge, out_bytes, unit_residual, stacked, rows))
     shards = _shards(units, max_bytes)
     return _Plan(adapter, base_dir, config, units, shards, sum(u.out_bytes for u in units), out_dtype, **options)
+
+
+def embedding_rows(name: str, adapter: Adapter, config) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """How the export writes a base tensor the adapter's embeddings change (None: as it is)."""
+    settings, state = adapter.config.embeddings, adapter.embeddings
+    module = name.removesuffix(".weight").rsplit(".", 1)[-1]
+    if not settings or module not in EMBEDDING_MODULES or not name.endswith(".weight"):
+        return None
+    return lambda tensor: merged_rows(name, tensor, settings, state, config.vocab_size)
 
 
 def _shards(units: list[_Unit], max_bytes: int) -> list[list[_Unit]]:
@@ -222,6 +253,7 @@ def _render(
     """The output tensor(s) for one checkpoint tensor, on the CPU."""
     tensor = read_tensor(unit.entry)
     if not unit.is_linear:
+        tensor = tensor if unit.rows is None else unit.rows(tensor)
         return {unit.name: tensor.to(out_dtype) if tensor.is_floating_point() else tensor}
     # Exactly what load_model does with this tensor: move it, (PiSSA/LoftQ: take its residual,) quantize it.
     tensor = tensor.to(device)
@@ -229,6 +261,8 @@ def _render(
         tensor = unit.residual(tensor)
     weight = NF4Linear.from_weight(tensor).dequantize(torch.float32) if merge_into == "dequantized" else tensor
     del tensor
+    for lora_a, lora_b, stacked_scaling in unit.stacked:  # frozen adapters under the trained one, in order
+        weight = merge_lora_weight(weight, lora_a.to(device), lora_b.to(device), stacked_scaling)
     if unit.lora is not None:
         weight = unit.lora(weight)
     weight = weight.to(out_dtype)
@@ -382,7 +416,7 @@ def export_merged(
         raise
     if not progress.tokenizer_files:
         logger.info(f"note: {base_dir} has no tokenizer files; the export has none either")
-    merged = sum(u.lora is not None for u in plan.units)
+    merged = sum(u.lora is not None or bool(u.stacked) for u in plan.units)
     logger.info(
         f"exported {out}: {merged} LoRA-merged linears into the {merge_into} base, {dtype}"
         f"{' re-quantized to nf4' if quantize else ''}, {len(plan.shards)} shard(s), {_human(progress.total_size)}"

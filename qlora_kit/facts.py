@@ -170,3 +170,6 @@ def parse_size(text: str | int, what: str = "size") -> int:
     if not (math.isfinite(nbytes) and nbytes >= 1):
         raise QloraKitError(f"{what} {text!r} is not a size above 0; write it like 24GB, 500MB or 2GiB ({SIZE_RULE})")
     return int(nbytes)
+
+
+EMBEDDING_MODULES = ("embed_tokens", "lm_head")  # what lora.modules_to_save may train in full (PEFT's names)

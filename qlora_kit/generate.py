@@ -25,12 +25,15 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from qlora_kit.adapter import INIT_KEY, METADATA_NAME, find_adapter_dir, load_adapter, read_adapter, read_metadata
+from qlora_kit.adapter import INIT_KEY, METADATA_NAME, Adapter, find_adapter_dir, read_adapter, read_metadata
+from qlora_kit.adapters import DEFAULT_NAME, stack_adapters, stacked_base_adapters
+from qlora_kit.adapters import load_adapter as load_named_adapter
 from qlora_kit.data import encode_prompt_ids
 from qlora_kit.data.templates import has_chat_template
 from qlora_kit.errors import QloraKitError
@@ -189,24 +192,67 @@ def _load_model(
     return load_model(model_dir, device=device, dtype=dtype, quantize=quantize, weight_hook=weight_hook)
 
 
+def parse_adapter_specs(values: Sequence[str] | str | None) -> dict[str, Path]:
+    """``--adapter`` values as name -> dir: ``NAME=DIR`` names one, a plain ``DIR`` is named ``default`` (the
+    only one) or after its dir (several)."""
+    if values is None:
+        return {}
+    values = [values] if isinstance(values, str) else list(values)
+    specs: dict[str, Path] = {}
+    for value in values:
+        name, sep, directory = value.partition("=")
+        if not sep or "/" in name or not name:  # a plain DIR (a path may hold '=' only after a '/')
+            name, directory = (DEFAULT_NAME if len(values) == 1 else Path(value).name or value), value
+        if name in specs:
+            raise QloraKitError(f"--adapter: the name {name!r} is given twice; name each one: --adapter NAME=DIR")
+        specs[name] = Path(directory)
+    return specs
+
+
 def load_for_generation(
-    model: str, adapter: str | None, device: str, dtype: str, quantize: bool | None, merge_adapter: bool
+    model: str,
+    adapter: str | Sequence[str] | None,
+    device: str,
+    dtype: str,
+    quantize: bool | None,
+    merge_adapter: bool,
+    use: str | None = None,
 ) -> tuple[nn.Module, object, str | None]:
     """The model (base + adapter, folded or not), its tokenizer and the recorded prompt template (or None),
-    as ``qlora-kit generate`` uses them. ``quantize=None``: NF4 for base models, dense for merged exports."""
-    if merge_adapter and adapter is None:
+    as ``qlora-kit generate`` uses them. ``quantize=None``: NF4 for base models, dense for merged exports.
+
+    ``adapter``: one dir, or several ``NAME=DIR`` specs (``parse_adapter_specs``), all loaded on the one base
+    (``qlora_kit.adapters``) with ``use`` (default: the first) active; switch with ``adapters.set_adapter``.
+    """
+    specs = parse_adapter_specs(adapter)
+    if merge_adapter and not specs:
         raise QloraKitError("--merge-adapter needs --adapter DIR (an exported dir is already merged)")
+    if merge_adapter and len(specs) > 1:
+        raise QloraKitError(
+            "--merge-adapter folds one adapter into the weights; with several, switching needs them apart"
+        )
+    if use is not None and use not in specs:
+        raise QloraKitError(f"--use {use!r} is not one of the adapters given ({', '.join(specs) or 'none'})")
     model_dir = resolve_model_dir(model)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    # The adapter is read and checked before minutes of loading the model.
-    lora = read_adapter(find_adapter_dir(Path(adapter))) if adapter is not None else None
+    # The adapters are read and checked before minutes of loading the model.
+    read = {name: read_adapter(find_adapter_dir(path)) for name, path in specs.items()}
+    use = use or next(iter(read), None)
+    lora = read.get(use) if use is not None else None
+    if len(read) > 1:
+        check_switchable(read)
     template = recorded_template(model_dir, *([lora.directory] if lora is not None else []))
-    residual = ResidualHook(lora) if lora is not None and INIT_KEY in lora.metadata else None  # PiSSA/LoftQ
+    # PiSSA/LoftQ alone: its base as training quantized it. Beside other adapters (which share the base) it
+    # loads as PEFT's conversion over the original base, the same function up to the quantization error.
+    pissa = lora is not None and len(read) == 1 and INIT_KEY in lora.metadata
+    residual = ResidualHook(lora) if pissa else None
     loaded = _load_model(model_dir, torch_device, torch_dtype, quantize, lora is not None, residual)
     tokenizer_dir = model_dir
     if lora is not None:
-        load_adapter(loaded, lora, dtype=torch_dtype)
+        stack_adapters(loaded, stacked_base_adapters(lora))
+        for name, one in read.items():
+            load_named_adapter(loaded, one, name=name, dtype=torch_dtype, activate=name == use)
         if residual is not None:
             residual.keep_trained(loaded)
         if (lora.directory / "tokenizer_config.json").is_file():
@@ -214,3 +260,14 @@ def load_for_generation(
         if merge_adapter:
             fold_lora(loaded, torch_dtype)
     return loaded.eval(), load_tokenizer(tokenizer_dir), template
+
+
+def check_switchable(read: dict[str, Adapter]) -> None:
+    """Adapters loaded side by side share the base exactly: refuse those that change it (a stack of frozen
+    adapters under them)."""
+    for name, one in read.items():
+        if stacked_base_adapters(one):
+            raise QloraKitError(
+                f"adapter {name!r} ({one.directory}) was trained on top of other adapters (lora.base_adapters), "
+                "which change the base every other adapter would see; load it alone"
+            )

@@ -32,10 +32,12 @@ from tqdm.auto import tqdm
 
 from qlora_kit import dist_checkpoint
 from qlora_kit.adapter import save_adapter
+from qlora_kit.adapters import read_stack, stack_adapters, stack_record
 from qlora_kit.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
-from qlora_kit.config import RunConfig, load_config, to_yaml
+from qlora_kit.config import LoRAConfig, RunConfig, load_config, to_yaml
 from qlora_kit.data import BatchPlan, PreparedData, eval_batches, prepare_data, prompt_template
 from qlora_kit.distributed import World, full_tensor, nf4_bytes
+from qlora_kit.embeddings import add_run_embeddings, add_tokens
 from qlora_kit.errors import QloraKitError
 from qlora_kit.facts import MB, auto_optimizer, resolve_adapter_dtype
 from qlora_kit.loading import DTYPES, dtype_name, load_model, load_tokenizer, resolve_device, resolve_dtype
@@ -88,12 +90,8 @@ def prepare(cfg: RunConfig) -> RunInputs:
             "(torchrun): past one GPU use train.parallel=fsdp (add train.fsdp_cpu_offload=true when the shards "
             "do not fit), or run one process"
         )
-    if world.sharded and (cfg.lora.variant != "lora" or cfg.lora.init != "default"):
-        raise QloraKitError(
-            f"lora.variant={cfg.lora.variant} / lora.init={cfg.lora.init} are not supported under train.parallel=fsdp "
-            "yet (FSDP shards each layer as it loads, with plain LoRA adapters): use lora.variant=lora and "
-            "lora.init=default, or train.parallel=ddp"
-        )
+    if world.sharded:
+        check_fsdp_lora(cfg.lora)
     device, dtype, adapter_dtype = resolve_run_dtypes(cfg)
     device = world.device(device)
     random.seed(cfg.train.seed)
@@ -101,6 +99,7 @@ def prepare(cfg: RunConfig) -> RunInputs:
     out = Path(cfg.output.dir)  # created only once setup has succeeded: a failed start leaves no empty dir
     resume_from = find_resume_checkpoint(cfg.train.resume, out)
     tokenizer = load_tokenizer(cfg.model.name_or_path)
+    add_tokens(tokenizer, cfg.lora.trainable_tokens)  # lora.trainable_tokens: new ones before the data is tokenized
     data = prepare_data(cfg.data, tokenizer)
     batches = make_batch_plan(cfg, data)
     steps = total_steps(cfg.train, len(batches), world.size)
@@ -120,6 +119,21 @@ def prepare(cfg: RunConfig) -> RunInputs:
     )
 
 
+def check_fsdp_lora(lc: LoRAConfig) -> None:
+    """FSDP wraps each decoder layer in plain LoRA layers as it loads (``distributed.ShardOnLoad``) and shards
+    the root's embeddings: what needs more is refused, naming the way out."""
+    unsupported = [f"lora.variant={lc.variant}"] if lc.variant != "lora" else []
+    unsupported += [f"lora.init={lc.init}"] if lc.init != "default" else []
+    extras = ("trainable_tokens", "modules_to_save", "base_adapters")
+    unsupported += [f"lora.{key}" for key in extras if getattr(lc, key)]
+    if unsupported:
+        raise QloraKitError(
+            f"{', '.join(unsupported)} {'is' if len(unsupported) == 1 else 'are'} not supported under "
+            "train.parallel=fsdp yet (FSDP shards each layer as it loads, with plain LoRA adapters): use "
+            "train.parallel=ddp, or plain LoRA (lora.variant=lora, lora.init=default) without them"
+        )
+
+
 def load_lora_model(
     cfg: RunConfig,
     device: torch.device,
@@ -127,6 +141,7 @@ def load_lora_model(
     adapter_dtype: torch.dtype,
     world: World | None = None,
     resident_layers: int | None = None,
+    tokenizer: Any = None,
 ) -> tuple[nn.Module, LoRAReport]:
     """The recipe's 4-bit model with its LoRA adapters (and gradient checkpointing if asked): what fit trains.
 
@@ -134,8 +149,10 @@ def load_lora_model(
     With ``model.offload_weights`` the layers from ``resident_layers`` on (default: the recipe's count, 0 for
     auto) go to host memory as they are loaded and stream from there; with ``train.offload_activations`` the
     checkpointed layer inputs wait in host memory (``qlora_kit.offload``; the hooks' state is ``model.qlora_offload``).
+    ``tokenizer``: the run's, holding ``lora.trainable_tokens`` (default: the model's, with them added).
     """
     lc = cfg.lora
+    stack = read_stack(lc.base_adapters)  # checked before minutes of loading
     offload_weights = cfg.model.offload_weights
     if offload_weights and resident_layers is None:
         resident_layers = cfg.model.resident_layers if isinstance(cfg.model.resident_layers, int) else 0
@@ -145,6 +162,7 @@ def load_lora_model(
     model = load_model(
         cfg.model.name_or_path, device=device, dtype=dtype, on_layer=shard, place=place, weight_hook=svd_init
     )
+    stack_adapters(model, stack)  # lora.base_adapters: frozen, folded into the 4-bit layers under the new adapter
     # Before add_lora: the adapters are made on the device of their base's buffers, which for a streamed layer
     # are then the device placeholders, not the host copies.
     activations = cfg.train.offload_activations
@@ -156,19 +174,13 @@ def load_lora_model(
     if shard is not None:
         report = shard.report(model)  # plain LoRA only: prepare refuses the variants and SVD inits under fsdp
     else:
-        report = add_lora(
-            model,
-            lc.targets,
-            lc.r,
-            lc.alpha,
-            lc.dropout,
-            lc.use_rslora,
-            adapter_dtype,
-            lc.variant,
-            lc.vera_projection_seed,
-        )
+        variant = (lc.variant, lc.vera_projection_seed)
+        report = add_lora(model, lc.targets, lc.r, lc.alpha, lc.dropout, lc.use_rslora, adapter_dtype, *variant)
     if svd_init is not None:
         finish_svd_init(model, svd_init, cfg.model.name_or_path)
+    if lc.trainable_tokens or lc.modules_to_save:
+        tokenizer = tokenizer or load_tokenizer(cfg.model.name_or_path)
+        report.trainable_params += add_run_embeddings(model, tokenizer, lc.trainable_tokens, lc.modules_to_save)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, report
@@ -184,7 +196,8 @@ def setup(inputs: RunInputs) -> Run:
     world.start(inputs.device)  # the first collective: every process has read the recipe, tokenizer and data
     streamed = cfg.model.offload_weights
     resident_layers = resident_layer_count(cfg, inputs.data, inputs.device) if streamed else None
-    model, report = load_lora_model(cfg, inputs.device, inputs.dtype, inputs.adapter_dtype, world, resident_layers)
+    dtypes = (inputs.dtype, inputs.adapter_dtype)
+    model, report = load_lora_model(cfg, inputs.device, *dtypes, world, resident_layers, inputs.tokenizer)
     logger.info(str(report))
     world.wrap(model, cfg.train.fsdp_cpu_offload)  # DDP / FSDP2 (shards the parameters): before the optimizer
     if world.sharded:
@@ -372,7 +385,8 @@ def checkpoint(run: Run) -> Path:
     if run.world.distributed:  # every process writes its shards
         return dist_checkpoint.save(run, state)
     base, limit = run.cfg.model.name_or_path, run.cfg.train.save_total_limit
-    return save_checkpoint(run.out, run.step, run.model, state, base, limit, lora=run.cfg.lora)
+    stacked = stack_record(run.cfg.lora.base_adapters) or None  # a checkpoint's adapter names its stack too
+    return save_checkpoint(run.out, run.step, run.model, state, base, limit, lora=run.cfg.lora, metadata=stacked)
 
 
 def _start(run: Run) -> None:
@@ -470,13 +484,16 @@ def finish(run: Run, result: TrainResult) -> None:
     adapter = dist_checkpoint.full_lora_state(run.model) if run.world.sharded else None  # a collective
     if not run.world.is_main:
         return  # rank 0 writes the adapter, samples and summary
+    metadata = {"template": template, **stack_record(run.cfg.lora.base_adapters)}
+    tokenizer = run.tokenizer if run.cfg.lora.trainable_tokens else None  # it holds the tokens it added
     adapter_dir = save_adapter(
         run.model,
         run.out / "adapter",
         run.cfg.model.name_or_path,
-        {"template": template},
+        metadata,
         lora=run.cfg.lora,
         state=adapter,
+        tokenizer=tokenizer,
     )
     prompts = _sample_prompts(run)
     if prompts:

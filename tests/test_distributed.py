@@ -307,7 +307,9 @@ def test_two_gpus_nccl_equal_one_gpu(tiny_model_dir, tmp_path, parallel):
     _assert_same_run(out, one, rtol=1e-4, adapter_atol=1e-4)
 
 
-@pytest.mark.parametrize("knob", ["lora.variant=dora", "lora.variant=vera", "lora.init=pissa"])
+@pytest.mark.parametrize(
+    "knob", ["lora.variant=dora", "lora.variant=vera", "lora.init=pissa", "lora.trainable_tokens=[<|tool|>]"]
+)
 def test_variants_under_fsdp_are_refused_before_anything_loads(tiny_model_dir, tmp_path, monkeypatch, knob):
     """FSDP wraps plain LoRA layers as each decoder layer loads: a variant or SVD init is named, with the way
     out (ddp, or plain LoRA), in torchrun's environment before any process group or output dir exists."""
@@ -318,7 +320,7 @@ def test_variants_under_fsdp_are_refused_before_anything_loads(tiny_model_dir, t
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     overrides = [*_overrides(tiny_model_dir, tmp_path / "run", **{"train.parallel": "fsdp"}), knob]
-    with pytest.raises(QloraKitError, match="not supported under train.parallel=fsdp") as error:
+    with pytest.raises(QloraKitError, match=r"not supported under train\.parallel=fsdp") as error:
         prepare(load_config(RECIPE, overrides))
     assert "train.parallel=ddp" in str(error.value)
     assert not (tmp_path / "run").exists()

@@ -69,6 +69,19 @@ class LoRAConfig:
     The saved adapter is the rank-2r LoRA over the ORIGINAL base that PEFT's own conversion writes."""
     init_iters: int = 1
     """loftq: quantize/SVD alternations (LoftQ's T; 1 = quantize W, then fit the error)."""
+    trainable_tokens: list[str] = field(default_factory=list)
+    """Tokens whose embedding rows train (only those rows: the rest of the embedding stays frozen), e.g.
+    ["<|tool|>"]. Tokens the tokenizer lacks are added to it (the vocabulary grows; new rows start at the
+    mean of the others) and the tokenizer is saved beside the adapter. Untied models train the tokens' lm_head
+    rows too; tied ones (SmolLM2) share one set of rows. Saved in PEFT's trainable_token_indices layout."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """embed_tokens and/or lm_head: trained in full (a trainable copy in the compute dtype), saved beside the
+    adapter in PEFT's modules_to_save layout. On a tied model (SmolLM2) either name means the one shared
+    matrix, which stays tied. [] = none."""
+    base_adapters: list[str] = field(default_factory=list)
+    """Trained LoRA adapter dirs (or run dirs) to keep frozen under the new adapter, in order: each is added
+    to the 4-bit base (dequant(W) + its delta) and the new adapter trains on top. The saved adapter records
+    them (qlora_kit.json), and export and generate apply them all. [] = train on the bare base."""
 
 
 @dataclass

@@ -15,6 +15,7 @@ from qlora_kit.errors import QloraKitError
 from qlora_kit.facts import (
     DATA_FORMATS,
     DTYPE_CHOICES,
+    EMBEDDING_MODULES,
     LORA_INITS,
     LORA_VARIANTS,
     LR_SCHEDULERS,
@@ -104,6 +105,34 @@ def _lora(p: _Problems, cfg: RunConfig) -> None:
         lo.init == "default" or lo.variant == "lora",
         "lora.init",
         f"{lo.init} initializes plain LoRA's A and B; use lora.variant=lora with it, or lora.init=default",
+    )
+    p.check(
+        lo.init == "default" or not lo.base_adapters,
+        "lora.init",
+        f"{lo.init} starts from the SVD of each 16-bit weight, and lora.base_adapters change those weights; "
+        "use lora.init=default with a stack",
+    )
+    p.check(
+        lo.variant != "vera" or not (lo.trainable_tokens or lo.modules_to_save),
+        "lora.variant",
+        "vera is not supported with lora.trainable_tokens / lora.modules_to_save yet; use lora or dora with them",
+    )
+    p.check(
+        isinstance(lo.trainable_tokens, list)
+        and all(isinstance(t, str) and t for t in lo.trainable_tokens)
+        and len(set(lo.trainable_tokens)) == len(lo.trainable_tokens),
+        "lora.trainable_tokens",
+        'must be a list of distinct non-empty tokens, e.g. ["<|tool|>"]',
+    )
+    p.check(
+        isinstance(lo.modules_to_save, list) and set(lo.modules_to_save) <= set(EMBEDDING_MODULES),
+        "lora.modules_to_save",
+        f"allowed entries: {', '.join(EMBEDDING_MODULES)}",
+    )
+    p.check(
+        isinstance(lo.base_adapters, list) and all(isinstance(d, str) and d.strip() for d in lo.base_adapters),
+        "lora.base_adapters",
+        "must be a list of adapter dirs, e.g. [runs/first/adapter]",
     )
 
 

@@ -40,9 +40,20 @@ def recipe_knobs(cfg, device, dtype, adapter_dtype) -> dict:
     knobs |= dict(compute_dtype=dtype_name(dtype), adapter_dtype=dtype_name(adapter_dtype))
     knobs |= dict(grad_accumulation=cfg.train.gradient_accumulation_steps, master_weights=cfg.train.fp32_master_weights)
     knobs |= dict(variant=cfg.lora.variant, init=cfg.lora.init)
+    knobs |= dict(trainable_tokens=len(cfg.lora.trainable_tokens), modules_to_save=list(cfg.lora.modules_to_save))
+    knobs |= dict(base_adapter_params=base_adapter_params(cfg.lora.base_adapters))
     resident = cfg.model.resident_layers
     knobs |= dict(offload_weights=cfg.model.offload_weights, offload_activations=cfg.train.offload_activations)
     return knobs | dict(resident_layers=resident if isinstance(resident, int) else None)
+
+
+def base_adapter_params(directories: list[str]) -> int:
+    """The frozen A/B values of ``lora.base_adapters`` (their files' own tensors), 0 for none."""
+    if not directories:
+        return 0
+    from qlora_kit.adapters import read_stack
+
+    return sum(t.numel() for adapter in read_stack(directories) for t in adapter.state.values())
 
 
 def plan_run(cfg, data, gpu_bytes: int | None = None) -> MemoryPlan:

@@ -41,6 +41,7 @@ from qlora_kit.memory.activations import (
     step_moments,
 )
 from qlora_kit.memory.cuda import CUBLAS_WORKSPACE_OLDER, PAGED_MIN_NUMEL, cublas_workspace_size, paged_bytes
+from qlora_kit.memory.extras import LOADED_EXTRAS, extra_rows
 from qlora_kit.memory.shapes import ModelShape, target_linears
 from qlora_kit.memory.variants import (
     VARIANT_PARAMS,
@@ -52,7 +53,7 @@ from qlora_kit.memory.variants import (
 
 logger = logging.getLogger(__name__)
 
-FIXED = ("LoRA parameters", "cuBLAS workspaces", "CUDA context", "process runtime")  # rows outside
+FIXED = ("LoRA parameters", "cuBLAS workspaces", "CUDA context", "process runtime", *LOADED_EXTRAS)  # rows outside
 # weights/optimizer that no batch, sequence or checkpointing knob changes (MemoryPlan.fixed_bytes)
 VARIED = {"batch_size": "batch", "seq_len": "seq"}  # the knobs max_fitting searches, and their names there
 VARY_KEYS = {name: key for key, name in VARIED.items()}  # max_fitting's vary= -> the knob
@@ -172,13 +173,17 @@ def _optimizer_bytes(
 ) -> int:
     total = 0
     for numel in adapter_tensor_numels(shape, rank, targets, variant):  # A, B (DoRA: + m; VeRA: lambda_d, lambda_b)
-        if optimizer == "adamw":  # torch AdamW: exp_avg and exp_avg_sq in the parameter's dtype
-            total += 2 * a * numel
-        elif optimizer.endswith("8bit") and numel >= 4096:  # bnb keeps tensors < 4096 values in 32 bit
-            total += 2 * numel + 2 * 4 * math.ceil(numel / 256)  # 2 uint8 states + fp32 absmax per 256
-        else:
-            total += 8 * numel  # 2 fp32 states
+        total += state_bytes(numel, optimizer, a)
     return total * shape.layers
+
+
+def state_bytes(numel: int, optimizer: str, a: int) -> int:
+    """The optimizer's states of one tensor of ``numel`` values (``a``: bytes per value of torch AdamW's)."""
+    if optimizer == "adamw":  # torch AdamW: exp_avg and exp_avg_sq in the parameter's dtype
+        return 2 * a * numel
+    if optimizer.endswith("8bit") and numel >= 4096:  # bnb keeps tensors < 4096 values in 32 bit
+        return 2 * numel + 2 * 4 * math.ceil(numel / 256)  # 2 uint8 states + fp32 absmax per 256
+    return 8 * numel  # 2 fp32 states
 
 
 # --- the plan ------------------------------------------------------------------------------------------------
@@ -415,6 +420,10 @@ def plan_memory(
     tflops: float = TFLOPS,
     variant: str = "lora",
     init: str = "default",
+    trainable_tokens: int = 0,
+    modules_to_save: list[str] | tuple[str, ...] = (),
+    base_adapter_params: int = 0,
+    extra_adapters: int = 0,
 ) -> MemoryPlan:
     """Peak memory of one training step of our stack, by category (formulas: docs/memory.md).
 
@@ -429,6 +438,8 @@ def plan_memory(
     (None: as many as fit in ``gpu_bytes``; all stream without it); ``offload_activations``: the checkpointed
     layer inputs in host RAM; ``pcie_gbps`` and ``tflops``: the rates of the step-time estimate (memory.offload).
     ``variant``, ``init``: ``lora.variant`` and ``lora.init`` (their rows: ``memory.variants``).
+    ``trainable_tokens``, ``modules_to_save``, ``base_adapter_params`` (frozen values of ``lora.base_adapters``)
+    and ``extra_adapters`` (more adapters like this one loaded beside it): rows of ``memory.extras``.
     """
     s = dict(seq_len=seq_len, batch_size=batch_size, rank=rank, targets=targets, optimizer=optimizer)
     s |= dict(checkpointing=checkpointing, compute_dtype=compute_dtype, adapter_dtype=adapter_dtype)
@@ -437,6 +448,8 @@ def plan_memory(
     s |= dict(padded=padded, cublas_workspace_bytes=cublas_workspace_bytes, variant=variant, init=init)
     s |= dict(offload_weights=offload_weights, offload_activations=offload_activations, resident_layers=resident_layers)
     s |= dict(pcie_gbps=pcie_gbps, tflops=tflops)
+    s |= dict(trainable_tokens=trainable_tokens, modules_to_save=list(modules_to_save))
+    s |= dict(base_adapter_params=base_adapter_params, extra_adapters=extra_adapters)
     s = _resolved(s | dict(label_tokens=label_tokens))
     if s["resident_layers"] is not None:
         s["resident_layers"] = min(s["resident_layers"], shape.layers)
@@ -452,6 +465,7 @@ def plan_memory(
     on_device = offloading.weight_layers_on_device(shape, s) if offload_weights else None
     rows = _weight_rows(shape, s["compute_dtype"], on_device) + _adapter_rows(shape, s, n_lora, opt, moments[peak])
     rows += [Row(*row) for row in variant_rows(shape, {**s, "targets_resolved": names}, n_lora)]
+    rows += extra_rows(shape, s, n_lora)  # trainable embeddings, stacked and extra adapters (none: no rows)
     rows += _activation_rows(shape, s, moments, peak)
     paged = paged_bytes(shape, rank, names, s["optimizer"], variant) if s["device"] == "cuda" else 0
     paged_host = _offloaded_states(rows, paged) if offload_weights else 0
@@ -480,6 +494,7 @@ def phase_bytes(plan: MemoryPlan, moments: dict[str, Moment]) -> dict[str, int]:
     """
     by_item = {row.item: row.bytes for row in plan.rows}
     weights = sum(row.bytes for row in plan.rows if row.category == "weights") + by_item["LoRA parameters"]
+    weights += sum(row.bytes for row in plan.rows if row.item in LOADED_EXTRAS and row.category != "weights")
     states = sum(row.bytes for row in plan.rows if row.category == "optimizer") - plan.pageable_bytes
     fixed = weights + states + by_item.get("cuBLAS workspaces", 0)
     backward = ("loss backward", "backward of the last layer", "backward of the first layer")
