@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -224,15 +225,18 @@ def add_lora(
     dtype: torch.dtype = torch.float32,
     variant: str = "lora",
     projection_prng_key: int = 0,
+    around: Callable[[nn.Module], AbstractContextManager] | None = None,
 ) -> LoRAReport:
     """Freeze ``model`` and wrap each target linear in a ``LoRALinear`` (in place): plain LoRA, or the
-    ``variant`` "dora" / "vera" (``lora_variants``; VeRA's shared matrices are drawn from ``projection_prng_key``)."""
+    ``variant`` "dora" / "vera" (``lora_variants``; VeRA's shared matrices are drawn from ``projection_prng_key``).
+    ``around(base)``: a context each linear is wrapped in (weight streaming puts its layer's weights on the
+    device there, for DoRA's initial norms: ``offload.Offload.weights_ready``)."""
     if r <= 0:
         raise QloraKitError(f"LoRA rank r must be > 0, got {r}")
     names = resolve_targets(model, targets)
     model.requires_grad_(False)
     make = _layer_maker(model, names, r, variant, projection_prng_key)
-    wrap_linears(model, names, r, alpha, dropout, use_rslora, dtype, make)
+    wrap_linears(model, names, r, alpha, dropout, use_rslora, dtype, make, around)
     return lora_report(model, names)
 
 
@@ -245,12 +249,15 @@ def wrap_linears(
     use_rslora: bool,
     dtype: torch.dtype,
     make: Callable[..., LoRALinear] = LoRALinear,
+    around: Callable[[nn.Module], AbstractContextManager] | None = None,
 ) -> None:
     """Wrap each linear ``names`` lists in a ``make`` layer, in order (each draws its A from torch's RNG)."""
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, make(getattr(parent, child), r, alpha, dropout, use_rslora, dtype))
+        base = getattr(parent, child)
+        with around(base) if around is not None else nullcontext():
+            setattr(parent, child, make(base, r, alpha, dropout, use_rslora, dtype))
 
 
 def lora_report(model: nn.Module, adapted: list[str]) -> LoRAReport:

@@ -32,9 +32,10 @@ and there are no streams or events, so the CPU tests run the real scheduling.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -177,6 +178,20 @@ class Offload:
         self._events.pop(i, None)
         for module, name, host in self._host[i]:
             getattr(module, name).data = self._placeholder(host.dtype)
+
+    @contextlib.contextmanager
+    def weights_ready(self, module: nn.Module) -> Iterator[None]:
+        """The weights of ``module``'s decoder layer on the device for a one-off read outside a step (DoRA's
+        initial norms, ``add_lora(around=)``); a streamed layer's copy is released after, unless it was held."""
+        i = next((i for i, layer in enumerate(self.layers) if any(m is module for m in layer.modules())), None)
+        held = i is None or i not in self._host or i in self._copies
+        if not held:
+            self.ready(i)
+        try:
+            yield
+        finally:
+            if not held:
+                self.release(i)
 
     def _release_all_but(self, *keep: int | None) -> None:
         for j in list(self._copies):

@@ -175,7 +175,11 @@ def load_lora_model(
         report = shard.report(model)  # plain LoRA only: prepare refuses the variants and SVD inits under fsdp
     else:
         variant = (lc.variant, lc.vera_projection_seed)
-        report = add_lora(model, lc.targets, lc.r, lc.alpha, lc.dropout, lc.use_rslora, adapter_dtype, *variant)
+        # DoRA's magnitude starts as each base weight's row norms: a streamed layer is on the device for that
+        around = model.qlora_offload.weights_ready if model.qlora_offload and lc.variant == "dora" else None
+        report = add_lora(
+            model, lc.targets, lc.r, lc.alpha, lc.dropout, lc.use_rslora, adapter_dtype, *variant, around=around
+        )
     if svd_init is not None:
         finish_svd_init(model, svd_init, cfg.model.name_or_path)
     if lc.trainable_tokens or lc.modules_to_save:

@@ -58,3 +58,20 @@ def test_offload_under_torchrun_is_refused_before_anything_loads(tiny_model_dir,
             prepare(cfg)
         assert "train.parallel=fsdp" in str(error.value)
     assert not (tmp_path / "run").exists()
+
+
+def test_variants_and_stacks_stream_with_the_same_losses(tiny_model_dir, tmp_path):  # noqa: F811
+    """Weight streaming moves the 4-bit codes; a DoRA layer (its initial norm reads the dequantized weight), VeRA,
+    PiSSA (its residual is what is quantized and streamed) and a frozen stack under the new adapter
+    (``StackedNF4Linear``) must read the streamed codes, not stale ones: 3 steps of each give the same losses
+    with and without streaming, bit for bit (fp32 on CPU)."""
+    few = {**SAME, "train.max_steps": 3, "output.sample_prompts": "[]"}
+    below = tmp_path / "below"
+    train(load_config(None, _overrides(tiny_model_dir, below, **few)))
+    stack = {"lora.base_adapters": f"[{below / 'adapter'}]"}
+    for extra in ({"lora.variant": "dora"}, {"lora.variant": "vera"}, {"lora.init": "pissa"}, stack):
+        runs = {}
+        for name, offload in (("plain", {}), ("streamed", OFFLOAD)):
+            runs[name] = tmp_path / f"{next(iter(extra.values())).strip('[]').split('/')[-1]}_{name}"
+            train(load_config(None, _overrides(tiny_model_dir, runs[name], **few, **extra, **offload)))
+        assert _losses(runs["streamed"]) == _losses(runs["plain"]), extra
