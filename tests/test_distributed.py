@@ -123,6 +123,19 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(runs, parall
     assert marker == {"step": 5, "world_size": 2, "parallel": parallel}
 
 
+def test_ddp_trains_a_dora_adapter_with_trainable_tokens_as_one_process(tiny_model_dir, tmp_path):
+    """DDP wraps whatever the adapters are: DoRA's magnitudes and a trainable token row are all-reduced like
+    A and B (the frozen base and VeRA-style buffers are never synced), so 2 processes give one's numbers."""
+    extra = {"lora.variant": "dora", "lora.trainable_tokens": "[<|tool|>]", "train.max_steps": 3}
+    one, two = tmp_path / "one", tmp_path / "two"
+    cmd = [sys.executable, "-m", "qlora_kit", "train", RECIPE]
+    result = _run([*cmd, *_overrides(tiny_model_dir, one, **extra, **{"train.gradient_accumulation_steps": 4})])
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = _run(_torchrun_train(tiny_model_dir, two, **extra, **{"train.parallel": "ddp"}))
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_same_run(two, one)
+
+
 def test_fsdp_adapter_is_whole_and_loads_in_peft(runs, tiny_model_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
