@@ -13,9 +13,9 @@ So at most two streamed layers hold device copies at any moment of forward, reco
 the ``resident_layers`` first layers, which never move), and none is held after the step. Why hooks and
 not a loop of our own: ``_NF4Matmul`` and ``_LoRAFunction`` keep the layer module on ctx and dequantize it
 again in backward, so a layer's copy must be back on the device when its backward runs, wherever autograd
-runs it; the hooks are where autograd says so. transformers (5.x) checkpoints a layer's ``forward``, not
-its ``__call__``, so module hooks stay outside the checkpoint and do not fire again for the recompute; if
-they do (another version), the recompute finds its layer ready and the hooks do nothing else.
+runs it; the hooks are where autograd says so. transformers (5.23 and later) checkpoints a layer's
+``forward``, not its ``__call__``, so module hooks stay outside the checkpoint and do not fire again for the
+recompute; if they do (another version), the recompute finds its layer ready and the hooks do nothing else.
 
 The swap goes through ``.data`` (``module.codes.data = copy``): the tensor objects stay the module's own,
 so a buffer that another wrapper turned into a (frozen) ``nn.Parameter`` works the same. A released layer's
@@ -25,6 +25,8 @@ Activation offload (``train.offload_activations``, needs gradient checkpointing)
 saves each layer's positional inputs (the hidden states) with ``save_for_backward`` before it enters its own
 saved-tensor hooks; a ``torch.autograd.graph.saved_tensors_hooks`` around the layer's call catches exactly
 those and keeps them in (pinned) host memory; backward brings layer i-1's back while layer i recomputes.
+That needs the checkpoint outside the hooks (transformers 5.23+): inside them, our hooks would catch every
+tensor the layer saves and undo the checkpointing, so the first forward checks that they caught only inputs.
 
 One code path on every device: on CPU the "device copy" is a staging copy (a clone into a separate buffer)
 and there are no streams or events, so the CPU tests run the real scheduling.
@@ -39,6 +41,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
+import transformers
 from torch import nn
 
 from qlora_kit.architecture import decoder_layers
@@ -270,6 +273,7 @@ class Offload:
         context = self._contexts.pop(i, None)
         if context is not None:
             context.__exit__(None, None, None)
+            self._check_only_inputs_offloaded(i, args)
         if self.in_backward:
             return
         hidden = output[0] if isinstance(output, tuple) else output
@@ -278,6 +282,19 @@ class Offload:
             hidden.register_hook(functools.partial(self._backward_begins, i))
         if i in self._host and not (backward_follows and i == self.streamed[-1]):
             self.release(i)
+
+    def _check_only_inputs_offloaded(self, i: int, args: tuple) -> None:
+        """Our saved-tensor hooks must see a layer's inputs only, not the tensors its forward saves: those are
+        the checkpoint's to drop and recompute. If ours caught more, the checkpoint runs inside the layer's hooks
+        (transformers < 5.23 checkpoints ``__call__``) or is off, and every activation would go to the host."""
+        caught, inputs = len(self._saved.get(i, [])), sum(isinstance(a, torch.Tensor) for a in args)
+        if caught > inputs:
+            raise RuntimeError(
+                f"activation offload caught {caught} saved tensors in decoder layer {i}, not just its {inputs} "
+                f"input(s): gradient checkpointing is off, or it runs inside the layer's hooks (transformers "
+                f"{transformers.__version__}; 5.23 and later checkpoint the layer's forward). Turn on "
+                "model.gradient_checkpointing and upgrade transformers, or set train.offload_activations=false."
+            )
 
     def _backward_begins(self, i: int, grad: torch.Tensor) -> None:
         """The gradient of layer ``i``'s output is complete: layer i+1's backward is done, layer i's begins."""

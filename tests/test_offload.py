@@ -221,6 +221,15 @@ def test_activation_offload_keeps_the_checkpointed_inputs_on_the_host(tiny4_dir)
     assert offload.stats.peak_activations_on_device == 2  # layer i's input and layer i-1's, prefetched
 
 
+def test_activation_offload_without_a_checkpoint_around_the_layer_fails_on_the_first_forward(tiny4_dir):
+    """Without the checkpoint outside our hooks, they would catch every tensor the layer saves and undo the
+    checkpointing (all activations to the host): the first forward says so instead of running that way."""
+    model = _model(tiny4_dir, False)
+    enable_offload(model, CPU, weights=False, activations=True)
+    with pytest.raises(RuntimeError, match=r"caught .* saved tensors in decoder layer 0, not just its 1 input"):
+        causal_lm_loss(model, _batch(320, 0))
+
+
 @pytest.mark.parametrize("activations", [False, True])
 def test_offloaded_inputs_leave_no_device_reference(tiny4_dir, activations):
     """Without offload the checkpoint keeps each layer's input alive until backward; with it, only the host
