@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -191,6 +192,38 @@ def test_killed_torchrun_job_resumes_with_the_same_losses(runs, tiny_model_dir, 
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stdout
     _assert_same_run(out, runs["fsdp"], rtol=1e-6)
+
+
+def test_sigterm_to_torchrun_saves_a_checkpoint_on_every_process_and_resumes(tiny_model_dir, tmp_path):
+    """A scheduler's SIGTERM to torchrun (it passes it to the workers, then waits 30 s before SIGKILL): every
+    process stops at the same step and writes its shards, and the same command resumes to an uninterrupted run's
+    losses and adapter. 20 steps with no checkpoint cadence, so the only checkpoint is the one SIGTERM made."""
+    knobs = {"train.parallel": "ddp", "train.max_steps": 20, "train.save_steps": 0}
+    reference, out = tmp_path / "reference", tmp_path / "stopped"
+    result = _run(_torchrun_train(tiny_model_dir, reference, **knobs))
+    assert result.returncode == 0, result.stderr[-3000:]
+    cmd = _torchrun_train(tiny_model_dir, out, **knobs)
+    process = subprocess.Popen(cmd, env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not ((out / "metrics.jsonl").is_file() and _losses(out)):
+            assert process.poll() is None and time.monotonic() < deadline, "the job ended before step 1"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)  # well inside torchrun's 30 s grace: no SIGKILL needed
+    finally:
+        if process.poll() is None:
+            _kill_tree(process)
+    stopped = max(_losses(out))
+    assert stopped < 20, "SIGTERM came after the last step: the test did not interrupt anything"
+    assert f"stopped at step {stopped}; checkpoint" in output
+    assert [c.step for c in list_checkpoints(out)] == [stopped]
+    marker = json.loads((list_checkpoints(out)[-1].path / "checkpoint.json").read_text())
+    assert marker == {"step": stopped, "world_size": 2, "parallel": "ddp"}
+    result = _run(cmd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stdout
+    _assert_same_run(out, reference, rtol=1e-6)
 
 
 def test_a_torchrun_checkpoint_resumes_in_one_process_through_dcp(runs, tiny_model_dir, tmp_path):
