@@ -94,6 +94,11 @@ def prepare(cfg: RunConfig) -> RunInputs:
         check_fsdp_lora(cfg.lora)
     device, dtype, adapter_dtype = resolve_run_dtypes(cfg)
     device = world.device(device)
+    if world.sharded and cfg.train.fsdp_cpu_offload and device.type != "cuda":
+        raise QloraKitError(
+            f"train.fsdp_cpu_offload keeps FSDP's shards in host memory between a GPU's uses, and this run computes "
+            f"on {device.type}, where they already are: set train.fsdp_cpu_offload=false"
+        )
     random.seed(cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
     out = Path(cfg.output.dir)  # created only once setup has succeeded: a failed start leaves no empty dir

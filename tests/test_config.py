@@ -301,6 +301,8 @@ def test_recipe_file_problems(tmp_path):
         ("lora.variant=dora lora.init=pissa", "lora.init = 'pissa': pissa initializes plain LoRA's A and B"),
         ("lora.variant=vera lora.use_rslora=true", "lora.use_rslora = True: does not apply to lora.variant=vera"),
         ("train.loraplus_lr_ratio=0.5", "train.loraplus_lr_ratio = 0.5: must be >= 1 or null"),
+        ("train.fsdp_cpu_offload=true", "train.fsdp_cpu_offload = True: needs train.parallel=fsdp"),
+        ("train.parallel=ddp train.fsdp_cpu_offload=true", "train.fsdp_cpu_offload = True: needs train.parallel=fsdp"),
     ],
 )
 def test_range_errors_name_key_value_and_rule(override, expected):

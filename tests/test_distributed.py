@@ -339,16 +339,18 @@ two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUD
 
 @pytest.mark.gpu
 @two_gpus
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp", "fsdp_cpu_offload"])
 def test_two_gpus_nccl_equal_one_gpu(tiny_model_dir, tmp_path, parallel):
-    """One process per GPU over nccl (fp32, so the comparison is tight) against one GPU with the same global batch."""
+    """One process per GPU over nccl (fp32, so the comparison is tight) against one GPU with the same global batch;
+    fsdp_cpu_offload: the shards in host memory, each layer copied to its GPU for compute (FSDP2's policy)."""
     cuda = {"model.device": "cuda", "model.compute_dtype": "fp32", "lora.adapter_dtype": "fp32"}
+    knobs = {"train.parallel": "fsdp", "train.fsdp_cpu_offload": True} if parallel == "fsdp_cpu_offload" else {}
     one = tmp_path / "one"
     cmd = [sys.executable, "-m", "qlora_kit", "train", RECIPE]
     result = _run([*cmd, *_overrides(tiny_model_dir, one, **cuda, **{"train.gradient_accumulation_steps": 4})])
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / parallel
-    result = _run(_torchrun_train(tiny_model_dir, out, **cuda, **{"train.parallel": parallel}))
+    result = _run(_torchrun_train(tiny_model_dir, out, **cuda, **({"train.parallel": parallel} | knobs)))
     assert result.returncode == 0, result.stderr[-3000:]
     _assert_same_run(out, one, rtol=1e-4, adapter_atol=1e-4)
 
@@ -369,4 +371,19 @@ def test_variants_under_fsdp_are_refused_before_anything_loads(tiny_model_dir, t
     with pytest.raises(QloraKitError, match=r"not supported under train\.parallel=fsdp") as error:
         prepare(load_config(RECIPE, overrides))
     assert "train.parallel=ddp" in str(error.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_fsdp_cpu_offload_on_cpu_is_refused_before_anything_loads(tiny_model_dir, tmp_path, monkeypatch):
+    """FSDP2's CPU offload copies shards to a GPU for compute; on a CPU run it would fail deep inside FSDP
+    ("Cannot access accelerator device"): it is named, with the fix, before anything loads."""
+    from qlora_kit.config import load_config
+    from qlora_kit.errors import QloraKitError
+    from qlora_kit.train import prepare
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    knobs = {"train.parallel": "fsdp", "train.fsdp_cpu_offload": True}
+    with pytest.raises(QloraKitError, match=r"set train\.fsdp_cpu_offload=false"):
+        prepare(load_config(RECIPE, _overrides(tiny_model_dir, tmp_path / "run", **knobs)))
     assert not (tmp_path / "run").exists()

@@ -178,6 +178,12 @@ def _train(p: _Problems, cfg: RunConfig) -> None:
     p.check(bool(t.resume.strip()), "train.resume", "must be none, auto or a checkpoint dir")
     p.choice("train.parallel", PARALLEL_CHOICES)
     p.check(
+        not t.fsdp_cpu_offload or t.parallel == "fsdp",
+        "train.fsdp_cpu_offload",
+        "needs train.parallel=fsdp (it keeps FSDP's shards in host memory); one process offloads with "
+        "model.offload_weights",
+    )
+    p.check(
         not t.offload_activations or cfg.model.gradient_checkpointing,
         "train.offload_activations",
         "needs model.gradient_checkpointing=true (the offloaded tensors are the checkpointed layer inputs)",
