@@ -87,7 +87,8 @@ def set_adapter(model: nn.Module, name: str) -> None:
         raise QloraKitError(f"no adapter named {name!r} is loaded (loaded: {loaded}); load it with load_adapter")
     disable_adapters(model)
     for path, wrapper in reg.wrappers[name].items():
-        wrapper.train(model.training)  # it was outside the tree while the model's mode may have changed
+        if wrapper.training != model.training:  # it was outside the tree while the model's mode changed
+            wrapper.train(model.training)  # (skipped otherwise: the recursion is half of a switch's time)
         _place(model, path, wrapper)
     reg.active = name
 

@@ -135,6 +135,11 @@ def test_loaded_inactive_adapter_leaves_the_active_one_and_modes_follow_the_mode
     model.eval()
     adapters.set_adapter(model, "a")
     assert not any(layer.training for layer in lora_layers(model).values())
+    adapters.set_adapter(model, "b")  # b was switched out in training mode: all of it (dropout too) follows
+    assert not any(module.training for module in model.modules())
+    model.train()
+    adapters.set_adapter(model, "a")
+    assert all(module.training for module in model.modules())
 
 
 def test_bad_names_and_stray_layers_are_refused_and_nothing_is_lost(base, two):
