@@ -208,17 +208,23 @@ class QuantizedBytes:
 
 
 def quantized_bytes(model: nn.Module) -> QuantizedBytes:
-    """Walk the model's tensors once (shared/tied tensors counted once) and sort their bytes by category.
+    """Walk the model's tensors once and sort their bytes by category: each storage counts once, whole, so
+    tied tensors and views of one shared tensor (VeRA's projections) are the bytes they really hold.
 
     Trainable parameters count as the adapters: this module knows NF4 storage, not LoRA's names."""
     report = QuantizedBytes()
-    seen: set[int] = set()
+    seen: set[object] = set()
 
     def nbytes(t: torch.Tensor) -> int:
-        if id(t) in seen:
+        if t.device.type == "meta":  # no storage to share: each tensor is its own
+            key, size = id(t), t.numel() * t.element_size()
+        else:
+            storage = t.untyped_storage()
+            key, size = (t.device, storage.data_ptr()), storage.nbytes()
+        if key in seen:
             return 0
-        seen.add(id(t))
-        return t.numel() * t.element_size()
+        seen.add(key)
+        return size
 
     for module in model.modules():
         if isinstance(module, NF4Linear):

@@ -11,6 +11,7 @@ from qlora_kit.lora import add_lora
 from qlora_kit.memory import plan_memory, shape_from_config
 from qlora_kit.memory import variants as planned
 from qlora_kit.memory.shapes import PRESETS
+from qlora_kit.quant import quantized_bytes
 from tests.conftest import save_tiny_checkpoint
 
 LLAMA_7B = PRESETS["llama-7b"]
@@ -38,6 +39,11 @@ def test_planned_adapter_parameters_are_what_add_lora_makes(tmp_path, variant, r
         held = sum(t.numel() * t.element_size() for t in layer.projection)
         rows = {r.item: r.bytes for r in plan_memory(shape, rank=rank, variant="vera", device="cpu").rows}
         assert rows["VeRA shared projection"] == held
+    # every layer holds views of the one projection: the model's bytes count it once, as the plan does
+    bare = quantized_bytes(load_model(base, device="cpu"))
+    adapted = quantized_bytes(model)
+    extra = held if variant == "vera" else 0
+    assert adapted.non_quantized == bare.non_quantized + extra
 
 
 def test_variant_rows_on_llama_7b():
