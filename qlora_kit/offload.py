@@ -26,7 +26,8 @@ saves each layer's positional inputs (the hidden states) with ``save_for_backwar
 saved-tensor hooks; a ``torch.autograd.graph.saved_tensors_hooks`` around the layer's call catches exactly
 those and keeps them in (pinned) host memory; backward brings layer i-1's back while layer i recomputes.
 That needs the checkpoint outside the hooks (transformers 5.23+): inside them, our hooks would catch every
-tensor the layer saves and undo the checkpointing, so the first forward checks that they caught only inputs.
+tensor the layer saves and undo the checkpointing, so each forward checks that they caught only inputs
+(the first one fails if not).
 
 One code path on every device: on CPU the "device copy" is a staging copy (a clone into a separate buffer)
 and there are no streams or events, so the CPU tests run the real scheduling.

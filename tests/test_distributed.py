@@ -339,18 +339,25 @@ two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUD
 
 @pytest.mark.gpu
 @two_gpus
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp", "fsdp_cpu_offload"])
-def test_two_gpus_nccl_equal_one_gpu(tiny_model_dir, tmp_path, parallel):
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        {"train.parallel": "ddp"},
+        {"train.parallel": "fsdp"},
+        {"train.parallel": "fsdp", "train.fsdp_cpu_offload": True},
+    ],
+    ids=["ddp", "fsdp", "fsdp_cpu_offload"],
+)
+def test_two_gpus_nccl_equal_one_gpu(tiny_model_dir, tmp_path, knobs):
     """One process per GPU over nccl (fp32, so the comparison is tight) against one GPU with the same global batch;
     fsdp_cpu_offload: the shards in host memory, each layer copied to its GPU for compute (FSDP2's policy)."""
     cuda = {"model.device": "cuda", "model.compute_dtype": "fp32", "lora.adapter_dtype": "fp32"}
-    knobs = {"train.parallel": "fsdp", "train.fsdp_cpu_offload": True} if parallel == "fsdp_cpu_offload" else {}
     one = tmp_path / "one"
     cmd = [sys.executable, "-m", "qlora_kit", "train", RECIPE]
     result = _run([*cmd, *_overrides(tiny_model_dir, one, **cuda, **{"train.gradient_accumulation_steps": 4})])
     assert result.returncode == 0, result.stderr[-3000:]
-    out = tmp_path / parallel
-    result = _run(_torchrun_train(tiny_model_dir, out, **cuda, **({"train.parallel": parallel} | knobs)))
+    out = tmp_path / "two"
+    result = _run(_torchrun_train(tiny_model_dir, out, **cuda, **knobs))
     assert result.returncode == 0, result.stderr[-3000:]
     _assert_same_run(out, one, rtol=1e-4, adapter_atol=1e-4)
 
